@@ -1,0 +1,145 @@
+"""The seam between the client code and a kernel: real or simulated.
+
+Everything above this seam (sessions, the RFC client, the probe, the engine)
+packs the same bytes for either kernel. :class:`RealKernel` hands them to
+``ioctl(2)``; :class:`orchestrator.luo.sim.SimKernel` hands them to an emulator
+with the kernel's semantics.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, Protocol, final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+DEVICE_PATH = "/dev/liveupdate"
+KERNEL_ENV = "LIVEUPDATE_KERNEL"
+"""Environment variable naming the kernel to use: ``real`` or ``sim:DIR``."""
+
+
+class Kernel(Protocol):
+    """What the client needs from a kernel.
+
+    ``ioctl`` raises :class:`OSError` with the kernel's errno; callers translate
+    it with :func:`orchestrator.luo._errors.kernel_error`.
+    """
+
+    @property
+    def spec(self) -> str:
+        """``"real"`` or ``"sim:DIR"``: enough to find this kernel again."""
+        ...
+
+    def open_device(self) -> int:
+        """Open /dev/liveupdate; return the fd."""
+        ...
+
+    def ioctl(self, fd: int, request: int, arg: bytearray | None) -> None:
+        """Issue *request* on *fd*; the kernel may write into *arg*."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """Close an fd this kernel handed out (device, session or retrieved file)."""
+        ...
+
+    def boot_id(self) -> str:
+        """The id of the running boot (changes at every kexec)."""
+        ...
+
+    def cmdline(self) -> str:
+        """The running kernel's command line."""
+        ...
+
+    def kexec_load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+        """Load the next kernel (``kexec_file_load``)."""
+        ...
+
+    def kexec_unload(self) -> None:
+        """Unload a loaded next kernel."""
+        ...
+
+    def kexec_loaded(self) -> bool:
+        """Whether a next kernel is loaded."""
+        ...
+
+    def reboot_kexec(self) -> NoReturn:
+        """Jump into the loaded kernel; returns only by raising (the kexec failed)."""
+        ...
+
+    def log_lines(self) -> Sequence[str]:
+        """The kernel log lines about live update of this boot (best effort)."""
+        ...
+
+
+@final
+class RealKernel:
+    """The running Linux kernel."""
+
+    def __init__(self, device: str = DEVICE_PATH) -> None:
+        self.device = device
+
+    @property
+    def spec(self) -> str:
+        return "real"
+
+    def open_device(self) -> int:
+        return os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
+
+    def ioctl(self, fd: int, request: int, arg: bytearray | None) -> None:
+        if arg is None:
+            fcntl.ioctl(fd, request, 0)
+        else:
+            fcntl.ioctl(fd, request, arg, True)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def boot_id(self) -> str:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+    def cmdline(self) -> str:
+        return Path("/proc/cmdline").read_text().strip()
+
+    def kexec_load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
+        from . import _kexec
+
+        _kexec.kexec_file_load(kernel, initrd, cmdline)
+
+    def kexec_unload(self) -> None:
+        from . import _kexec
+
+        _kexec.kexec_file_unload()
+
+    def kexec_loaded(self) -> bool:
+        from . import _kexec
+
+        return _kexec.kexec_loaded()
+
+    def reboot_kexec(self) -> NoReturn:
+        from . import _kexec
+
+        _kexec.reboot_kexec()
+
+    def log_lines(self) -> Sequence[str]:
+        from . import _kexec
+
+        return _kexec.kernel_log(("liveupdate", "luo:", "KHO"))
+
+
+def kernel_from_spec(spec: str | None = None) -> Kernel:
+    """The kernel named by *spec* (or ``$LIVEUPDATE_KERNEL``, default ``real``).
+
+    ``real`` is this host's kernel; ``sim:DIR`` a simulated kernel whose state
+    lives in DIR.
+    """
+    spec = spec or os.environ.get(KERNEL_ENV) or "real"
+    if spec == "real":
+        return RealKernel()
+    if spec.startswith("sim:") and len(spec) > 4:
+        from .sim import SimKernel
+
+        return SimKernel(Path(spec[4:]))
+    raise ValueError(f"unknown kernel {spec!r}: expected 'real' or 'sim:DIR'")

@@ -1,0 +1,3 @@
+"""Built-in plugins of luo-orchestrator."""
+
+from __future__ import annotations

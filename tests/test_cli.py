@@ -1,0 +1,99 @@
+"""The ``liveupdate`` command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import orchestrator
+from orchestrator.luo import _probe
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.skipif(Path("/dev/liveupdate").exists(), reason="this host has LUO")
+def test_probe_on_this_host_says_why_not() -> None:
+    done = run("probe", "--kernel", "real")
+    assert done.returncode == _probe.EXIT_NOT_POSSIBLE == 3
+    assert "live update is NOT possible here: no /dev/liveupdate" in done.stdout
+    as_json = json.loads(run("probe", "--kernel", "real", "--json").stdout)
+    assert as_json["possible"] is False
+    assert as_json["exit_code"] == 3
+    assert "liveupdate=on" in as_json["reason"]
+
+
+def test_probe_on_simulated_kernel_lists_kinds(tmp_path: Path) -> None:
+    done = run("probe", "--json", env={"LIVEUPDATE_KERNEL": f"sim:{tmp_path}/k"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    kinds = {k["kind"]: k["preservable"] for k in report["kinds"]}
+    assert report["abi"] == "merged"
+    assert kinds["memfd"] is True
+    assert kinds["pipe"] is False
+    assert kinds["unix socket"] is False
+
+
+def test_probe_busy_device(tmp_path: Path) -> None:
+    from orchestrator.luo import LiveUpdateDevice
+    from orchestrator.luo.sim import SimKernel
+
+    kernel = SimKernel(tmp_path / "k")
+    with LiveUpdateDevice.open(kernel):
+        done = run("probe", "--kernel", kernel.spec)
+    assert done.returncode == _probe.EXIT_BUSY
+    assert "another process holds /dev/liveupdate" in done.stdout
+
+
+def test_probe_rfc(tmp_path: Path) -> None:
+    done = run("sim", "init", str(tmp_path / "r"), "--abi", "rfc")
+    assert done.returncode == 0
+    report = json.loads(run("probe", "--json", "--kernel", f"sim:{tmp_path}/r").stdout)
+    assert (report["abi"], report["rfc_state"]) == ("rfc", "NORMAL")
+
+
+def test_bad_kernel_spec_is_a_clear_error() -> None:
+    done = run("probe", "--kernel", "bogus")
+    assert done.returncode == 1
+    assert "unknown kernel 'bogus'" in done.stderr
+
+
+def test_help_teaches() -> None:
+    done = run("--help")
+    assert done.returncode == 0
+    assert "simulated kernel" in done.stdout
+    assert "probe" in done.stdout
+
+
+def test_demo_round_trip(tmp_path: Path) -> None:
+    done = run("demo", "--state-dir", str(tmp_path / "demo"), "--size-mib", "8")
+    assert done.returncode == 0, done.stderr
+    assert "every byte came back" in done.stdout
+    assert "liveupdate number: 1" in done.stdout
+
+
+def test_public_names_match_all() -> None:
+    import orchestrator.luo as luo
+
+    for module in (orchestrator, luo):
+        public = {n for n in vars(module) if not n.startswith("_")} - {"annotations"}
+        exported = set(module.__all__)
+        assert exported <= set(dir(module))
+        assert public - exported <= {"luo", "sim"} | {
+            n for n in public if isinstance(getattr(module, n), type(os))
+        }
