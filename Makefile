@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## demo: a whole-host live update on the simulated kernel
 demo: venv
-	$(VENV)/bin/liveupdate demo --state-dir $(STATE)/demo
+	$(VENV)/bin/liveupdate demo
 
 ## test: lint, type-check and run the test suite (simulated kernel)
 test: venv lint

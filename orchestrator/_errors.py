@@ -30,3 +30,34 @@ class InvalidArgumentError(OrchestratorError, ValueError):
         self.what = what
         self.problem = problem
         super().__init__(f"{what}: {problem}")
+
+
+class PlaybookError(OrchestratorError, ValueError):
+    """A playbook is malformed; says where (``file:line``) and what was expected."""
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        self.path = path
+        self.line = line
+        self.problem = problem
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {problem}")
+
+
+class TransientError(Exception):
+    """Mixin: a failure worth retrying. Retry policies match on nothing else
+    (and on the errnos a playbook step lists in ``retry.on_errno``)."""
+
+
+class PhaseError(OrchestratorError):
+    """A step of a phase failed (after its retries); the update was cancelled
+    if the phase came before the kexec."""
+
+    def __init__(self, phase: str, step: str, problem: str) -> None:
+        self.phase = phase
+        self.step = step
+        self.problem = problem
+        super().__init__(f"phase {phase}, step {step}: {problem}")
+
+
+class PhaseTimeoutError(PhaseError, TimeoutError):
+    """A step, a phase, or the blackout budget ran out of time."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ._errors import InvalidArgumentError, OrchestratorError
+from ._errors import InvalidArgumentError, OrchestratorError, PlaybookError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -92,63 +89,6 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Probe the simulated kernel, then a preserve → kexec → retrieve round trip."""
-    from .luo._probe import probe
-    from .luo.sim import SimKernel
-
-    state = Path(args.state_dir).absolute()
-    if state.exists():
-        shutil.rmtree(state)
-    kernel = SimKernel(state / "kernel")
-    print(f"== probe of the simulated kernel ({kernel.spec})")
-    print(_render_probe(probe(kernel)))
-    next_kernel = state / "vmlinuz-next"
-    next_kernel.write_bytes(b"simulated kernel image\n")
-    record = state / "roundtrip.json"
-    size = args.size_mib << 20
-    print(
-        f"\n== preserve a {args.size_mib} MiB memfd, kexec (ends the process), retrieve"
-    )
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator._roundtrip",
-            kernel.spec,
-            "demo",
-            str(size),
-            str(record),
-            str(next_kernel),
-        ],
-        check=False,
-    )
-    if child.returncode != -9:
-        print(
-            f"the kexec did not end the process (exit {child.returncode})",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    from ._roundtrip import after
-
-    result = after(kernel.spec, "demo", record)
-    print(
-        f"old process ended by the kexec (SIGKILL); boot {result.boot_id} -> "
-        f"{result.new_boot_id}"
-    )
-    for line in kernel.log_lines():
-        if "liveupdate" in line:
-            print(f"kernel: {line}")
-    print(
-        f"preserve {result.preserve_s * 1e3:.1f} ms, retrieve "
-        f"{result.retrieve_s * 1e3:.1f} ms, kexec to verified "
-        f"{result.blackout_s * 1e3:.1f} ms"
-    )
-    verdict = "every byte came back" if result.intact else "MISMATCH"
-    print(f"sha256 {result.sha256}: {verdict}")
-    return 0 if result.intact else EXIT_FAILED
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liveupdate",
@@ -194,21 +134,76 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("errno", help="an errno name such as EIO, or 'none' to clear")
     p.set_defaults(func=cmd_sim)
 
+    _add_update_commands(sub)
+    return parser
+
+
+def _add_update_commands(sub: Any) -> None:
+    from . import _cli_update as u
+
+    default_demo = Path(__file__).resolve().parent.parent / "playbooks" / "demo.yaml"
+    state_help = "where the journal and lock live (default: the playbook's state_dir)"
+
+    def with_playbook(p: argparse.ArgumentParser) -> None:
+        p.add_argument("playbook", type=Path, help="the playbook (YAML)")
+        p.add_argument(
+            "--kernel", default=None, help=_KERNEL_HELP + " (overrides the playbook)"
+        )
+        p.add_argument("--state-dir", default=None, help=state_help)
+
+    p = sub.add_parser(
+        "plan",
+        help="show the resolved steps of a playbook; does nothing",
+        description="Load and check a playbook, and print its phases and "
+        "steps with their timeouts and retries. Changes nothing. Exits 2 "
+        "if the playbook is invalid (file:line says where).",
+    )
+    with_playbook(p)
+    p.set_defaults(func=u.cmd_plan)
+
+    p = sub.add_parser(
+        "run",
+        help="run a live update",
+        description="Run the playbook: quiesce, preserve, prepare, freeze, "
+        "kexec. On any failure before the kexec the update is cancelled "
+        "(exit 5) and the host is back in NORMAL. After the kexec, "
+        "'liveupdate resume' (a boot-time unit) restores and finishes.",
+    )
+    with_playbook(p)
+    p.set_defaults(func=u.cmd_run)
+
+    p = sub.add_parser(
+        "resume",
+        help="continue after a kexec, or cancel after a crash",
+        description="Read the journal: in a new kernel, restore and finish "
+        "the update; in the same kernel (the orchestrator died before the "
+        "kexec), cancel it and undo every completed step.",
+    )
+    with_playbook(p)
+    p.set_defaults(func=u.cmd_resume)
+
+    p = sub.add_parser("status", help="the state of the last update (--json)")
+    p.add_argument("--state-dir", required=True, help=state_help)
+    p.add_argument("--json", action="store_true", help="print JSON for automation")
+    p.set_defaults(func=u.cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel the running update")
+    p.add_argument("--state-dir", required=True, help=state_help)
+    p.set_defaults(func=u.cmd_cancel)
+
     p = sub.add_parser(
         "demo",
-        help="rehearse a live update on a simulated kernel",
-        description="Probe a fresh simulated kernel, then preserve a memfd, "
-        "kexec (which ends the process) and retrieve it in the new kernel, "
-        "checking every byte.",
+        help="a whole live update on a simulated kernel",
+        description="Start demo key-value workloads with their data in "
+        "memfds, run the demo playbook on a fresh simulated kernel (the "
+        "kexec ends every process), then resume in the new kernel and "
+        "check every workload's data.",
     )
+    p.add_argument("playbook", nargs="?", type=Path, default=default_demo)
     p.add_argument(
-        "--state-dir",
-        default=os.path.join(tempfile.gettempdir(), "liveupdate-demo"),
-        help="where the simulated kernel lives (wiped first)",
+        "--state-dir", default=None, help="wiped first (default: the playbook's)"
     )
-    p.add_argument("--size-mib", type=int, default=256, help="memfd size (default 256)")
-    p.set_defaults(func=cmd_demo)
-    return parser
+    p.set_defaults(func=u.cmd_demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except InvalidArgumentError as exc:
+    except (InvalidArgumentError, PlaybookError) as exc:
         print(f"liveupdate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OrchestratorError, ValueError) as exc:

@@ -1,0 +1,275 @@
+"""``liveupdate plan | run | status | resume | cancel | demo``: the update commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
+
+    from ._playbook import Playbook
+    from .luo import Kernel
+
+EXIT_CANCELLED = 5
+EXIT_FAILED = 1
+
+
+class Printer:
+    """Shows journal events as they happen: phases with their timings."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.out = stream or sys.stdout
+        self.tty = self.out.isatty()
+        self._starts: dict[str, float] = {}
+
+    def _p(self, text: str, color: str = "") -> None:
+        if self.tty and color:
+            text = f"\033[{color}m{text}\033[0m"
+        print(text, file=self.out, flush=True)
+
+    def __call__(self, rec: dict[str, Any]) -> None:
+        ev = rec["event"]
+        key = f"{rec.get('phase')}/{rec.get('index', '')}"
+        if ev == "phase_start":
+            self._starts[rec["phase"]] = rec["mono"]
+            self._p(f"> {rec['phase']}", "1")
+        elif ev == "phase_end":
+            ms = (rec["mono"] - self._starts.get(rec["phase"], rec["mono"])) * 1e3
+            mark = "ok" if rec["ok"] else f"FAILED: {rec.get('error', '')}"
+            self._p(
+                f"  {rec['phase']} {mark} ({ms:.1f} ms)", "32" if rec["ok"] else "31"
+            )
+        elif ev == "step_start":
+            self._starts[key] = rec["mono"]
+        elif ev == "step_end":
+            ms = (rec["mono"] - self._starts.get(key, rec["mono"])) * 1e3
+            tries = (
+                f", {rec['attempts']} attempts" if rec.get("attempts", 1) > 1 else ""
+            )
+            if rec["ok"]:
+                self._p(f"    {rec['step']}: ok {ms:.1f} ms{tries}")
+            else:
+                self._p(f"    {rec['step']}: FAILED {rec['error']}{tries}", "31")
+        elif ev == "retry":
+            self._p(
+                f"    {rec['step']}: attempt {rec['attempt']} failed ({rec['error']}); "
+                f"retrying in {rec['wait']:.2f} s",
+                "33",
+            )
+        elif ev == "state":
+            self._p(f"= {rec['state']}", "36")
+        elif ev == "cancel_start":
+            self._p(f"! cancelling: {rec['error']}", "31")
+        elif ev in ("rollback_end",):
+            self._p(
+                f"    undo {rec['step']} ({rec['phase']}): "
+                f"{'ok' if rec['ok'] else 'FAILED ' + rec.get('error', '')}"
+            )
+        elif ev == "kexec":
+            self._p("> kexec: jumping into the next kernel", "1")
+
+
+def _load(args: argparse.Namespace) -> tuple[Playbook, Kernel, Path]:
+    from ._playbook import load_playbook
+    from .luo import kernel_from_spec
+
+    playbook = load_playbook(args.playbook, known_plugins=_known_plugins())
+    spec = getattr(args, "kernel", None) or playbook.kernel
+    kernel = kernel_from_spec(spec)
+    state = Path(
+        getattr(args, "state_dir", None) or playbook.state_dir or "/var/lib/liveupdate"
+    )
+    return playbook, kernel, state
+
+
+def _known_plugins() -> set[str]:
+    from ._engine import plugin_manager
+
+    return {name for name, _ in plugin_manager().list_name_plugin()}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ._engine import check_playbook, plugin_manager
+
+    playbook, kernel, state = _load(args)
+    problems = check_playbook(plugin_manager(), playbook)
+    print(f"playbook {playbook.name!r} ({playbook.path})")
+    print(
+        f"kernel {kernel.spec}; state dir {state}; blackout budget "
+        f"{playbook.blackout_budget:g} s"
+    )
+    if playbook.next_kernel:
+        nk = playbook.next_kernel
+        print(
+            f"next kernel {nk.image} initrd {nk.initrd or '-'} cmdline "
+            f"{nk.cmdline or '(the running one)'}"
+        )
+    for phase_plan in playbook.phases.values():
+        budget = f" (budget {phase_plan.timeout:g} s)" if phase_plan.timeout else ""
+        print(f"{phase_plan.phase.value}{budget}")
+        for step in phase_plan.steps:
+            r = step.retry
+            retry = (
+                f", {r.attempts} attempts, backoff {r.backoff:g} s"
+                if r.attempts > 1
+                else ""
+            )
+            print(
+                f"  {step.index + 1}. {step.name} [{step.plugin}] timeout "
+                f"{step.timeout:g} s{retry}  {dict(step.options) or ''}"
+            )
+        if phase_plan.phase.value == "freeze":
+            print("kexec (the engine: reboot(LINUX_REBOOT_CMD_KEXEC))")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _finish_message(outcome: Any, state: Path) -> int:
+    from ._engine import Outcome
+    from ._status import summarize
+
+    status = summarize(state)
+    print(status.render())
+    if outcome is Outcome.CANCELLED:
+        print(
+            "update CANCELLED: the host is back in NORMAL, workloads running",
+            file=sys.stderr,
+        )
+        return EXIT_CANCELLED
+    if outcome is Outcome.FAILED:
+        print("update FAILED: see 'liveupdate status'", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._engine import Engine, check_playbook, plugin_manager
+
+    playbook, kernel, state = _load(args)
+    pm = plugin_manager()
+    problems = check_playbook(pm, playbook)
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
+    outcome = anyio.run(engine.run)
+    return _finish_message(outcome, state)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    import anyio
+
+    from ._engine import Engine, Outcome
+
+    playbook, kernel, state = _load(args)
+    outcome = anyio.run(Engine(playbook, kernel, state, reporter=Printer()).resume)
+    if outcome is Outcome.NOTHING:
+        print("nothing to resume: no update in progress")
+        return 0
+    return _finish_message(outcome, state)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ._status import summarize
+
+    status = summarize(Path(args.state_dir))
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(status.render())
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from ._journal import lock_holder
+
+    holder = lock_holder(Path(args.state_dir))
+    if holder is None:
+        print(
+            "no orchestrator is running; to cancel an interrupted update run "
+            "'liveupdate resume' (it cancels one that stopped before the kexec)"
+        )
+        return 0
+    pid = int(holder.split()[1])
+    os.kill(pid, signal.SIGTERM)
+    print(f"asked the orchestrator (pid {pid}) to cancel")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start demo workloads on a simulated kernel, run the demo playbook, resume."""
+    import subprocess
+
+    from plugins.workloads import launch, wait_published
+
+    from ._playbook import load_playbook
+    from .luo.sim import SimKernel
+
+    playbook = load_playbook(args.playbook)
+    state = Path(args.state_dir or playbook.state_dir or ".state/demo").absolute()
+    if state.exists():
+        shutil.rmtree(state)
+    kernel = SimKernel(state / "kernel")
+    image = (
+        playbook.next_kernel.image if playbook.next_kernel else state / "vmlinuz-next"
+    )
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(b"simulated kernel image\n")
+    registry = state / "workloads"
+    quiesce = playbook.plan(_phase("quiesce"))
+    opts = dict(quiesce.steps[0].options) if quiesce else {}
+    count, size = int(opts.get("count", 2)), int(opts.get("size_mib", 128))
+    print(f"== starting {count} key-value workloads, {size} MiB of memfd data each")
+    for i in range(count):
+        pid = launch(registry, f"kv{i}", size, kernel.spec)
+        info = wait_published(registry, f"kv{i}", pid)
+        print(f"   kv{i}: pid {pid}, sha256 {info['sha256'][:16]}...")
+    base = [sys.executable, "-m", "orchestrator.cli"]
+    common = ["--kernel", kernel.spec, "--state-dir", str(state)]
+    print(
+        f"\n== liveupdate run {args.playbook} (old kernel, boot {kernel.boot_id()[:8]})"
+    )
+    run = subprocess.run([*base, "run", str(args.playbook), *common], check=False)
+    if run.returncode != -signal.SIGKILL:
+        print(
+            f"the update did not reach the kexec (exit {run.returncode})",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(
+        f"\n== the simulated kexec ended every process; new kernel boot "
+        f"{kernel.boot_id()[:8]}"
+    )
+    for line in kernel.log_lines():
+        if "liveupdate" in line:
+            print(f"   kernel: {line}")
+    print(f"\n== liveupdate resume {args.playbook}")
+    resume = subprocess.run([*base, "resume", str(args.playbook), *common], check=False)
+    if resume.returncode != 0:
+        return resume.returncode
+    from orchestrator.demo_kv import ask
+
+    print("\n== the workloads in the new kernel")
+    for i in range(count):
+        info = json.loads((registry / f"kv{i}.json").read_text())
+        print(
+            f"   kv{i}: pid {info['pid']}, sha256 {ask(info['socket'], 'SUM')[:16]}... "
+            f"(same as before the kexec: every byte came back)"
+        )
+    return 0
+
+
+def _phase(name: str) -> Any:
+    from ._phases import Phase
+
+    return Phase(name)

@@ -1,0 +1,158 @@
+"""Preserving fds through either ABI behind one interface.
+
+Plugins say *what* to keep (``ctx.preserve("kv0", fd)``); this module decides
+*how*: on the merged ABI one session per plugin (``lu-<plugin>``), tokens
+counted from 1; on the RFC ABI global tokens. The manifest -- which key went
+where -- is journaled, and after the kexec it is all that is needed to take
+every fd back.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .luo import LiveUpdateDevice, RfcDevice, RfcState, Session
+
+if TYPE_CHECKING:
+    from .luo import Kernel, OwnedFd
+
+SESSION_PREFIX = "lu-"
+
+
+def detect_abi(kernel: Kernel) -> str:
+    """``"merged"`` or ``"rfc"``, from how the device answers GET_STATE."""
+    from .luo import _abi
+
+    fd = kernel.open_device()
+    try:
+        kernel.ioctl(fd, _abi.RFC_GET_STATE.number, _abi.RFC_STATE.pack())
+    except OSError:
+        return "merged"
+    finally:
+        kernel.close(fd)
+    return "rfc"
+
+
+class Preserver(Protocol):
+    abi: str
+
+    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
+        """Preserve *fd*; return the manifest entry that finds it after the kexec."""
+        ...
+
+    def prepare(self) -> None: ...
+    def cancel(self) -> None: ...
+    def close_device(self) -> None: ...
+
+
+class MergedPreserver:
+    """Sessions per owner; the device fd is held only while sessions are created."""
+
+    abi = "merged"
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.sessions: dict[str, Session] = {}
+        self._dev: LiveUpdateDevice | None = None
+
+    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
+        session = self.sessions.get(owner)
+        if session is None:
+            if self._dev is None:
+                self._dev = LiveUpdateDevice.open(self.kernel)
+            session = self._dev.create_session(SESSION_PREFIX + owner)
+            self.sessions[owner] = session
+        token = len(session.tokens) + 1
+        session.preserve_fd(fd, token)
+        return {"session": session.name, "token": token}
+
+    def close_device(self) -> None:
+        """Let go of /dev/liveupdate; session fds stay open until the kexec."""
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+
+    def prepare(self) -> None:
+        self.close_device()
+
+    def cancel(self) -> None:
+        """Close every session: the kernel unpreserves all their files."""
+        self.close_device()
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+
+
+class RfcPreserver:
+    """Global tokens on the RFC ABI, with its PREPARE and CANCEL ioctls."""
+
+    abi = "rfc"
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.dev = RfcDevice.open(kernel)
+        self.tokens: list[int] = []
+
+    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
+        token = int.from_bytes(os.urandom(8), "little") >> 1
+        self.dev.preserve_fd(fd, token)
+        self.tokens.append(token)
+        return {"token": token}
+
+    def prepare(self) -> None:
+        self.dev.prepare()
+
+    def cancel(self) -> None:
+        if self.dev.state() in (RfcState.PREPARED, RfcState.FROZEN):
+            self.dev.cancel()
+        for token in self.tokens:
+            self.dev.unpreserve_fd(token)
+        self.tokens.clear()
+
+    def close_device(self) -> None:
+        """The RFC device stays open: the reboot syscall needs no fd, but FINISH does."""
+
+
+def open_preserver(kernel: Kernel) -> Preserver:
+    return (
+        RfcPreserver(kernel) if detect_abi(kernel) == "rfc" else MergedPreserver(kernel)
+    )
+
+
+class Retriever:
+    """After the kexec: take fds back by their manifest entries, then FINISH."""
+
+    def __init__(self, kernel: Kernel, abi: str) -> None:
+        self.kernel = kernel
+        self.abi = abi
+        self.sessions: dict[str, Session] = {}
+        self._dev: LiveUpdateDevice | None = None
+        self._rfc: RfcDevice | None = None
+
+    def open_sessions(self, names: list[str]) -> None:
+        """Retrieve every session of the manifest (the restore path's first kernel call)."""
+        if self.abi == "rfc":
+            self._rfc = RfcDevice.open(self.kernel)
+            return
+        self._dev = LiveUpdateDevice.open(self.kernel)
+        for name in names:
+            if name not in self.sessions:
+                self.sessions[name] = self._dev.retrieve_session(name)
+        self._dev.close()
+        self._dev = None
+
+    def retrieve(self, entry: dict[str, Any]) -> OwnedFd:
+        if self._rfc is not None:
+            return self._rfc.restore_fd(int(entry["token"]))
+        return self.sessions[entry["session"]].retrieve_fd(int(entry["token"]))
+
+    def finish(self) -> None:
+        if self._rfc is not None:
+            self._rfc.finish()
+            self._rfc.close()
+            return
+        for session in self.sessions.values():
+            session.finish()
+            session.close()
+        self.sessions.clear()

@@ -1,0 +1,223 @@
+"""Workloads that keep their state in a memfd (the demo key-value stores).
+
+Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
+SHA-256). quiesce checks they answer; preserve takes each memfd through
+``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP: the
+blackout starts); after the kexec, restore starts each again on its retrieved
+memfd and checks the data's SHA-256 against the one recorded before.
+
+Options: ``registry`` (default ``STATE_DIR/workloads``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from orchestrator import TransientError, hookimpl
+from orchestrator.demo_kv import ask
+
+if TYPE_CHECKING:
+    from orchestrator import StepContext
+
+
+class WorkloadError(Exception):
+    """A workload is not there or not answering."""
+
+
+class WorkloadNotReadyError(WorkloadError, TransientError):
+    """A restarted workload has not published itself yet."""
+
+
+def _registry(ctx: StepContext) -> Path:
+    return Path(ctx.options.get("registry") or ctx.state_dir / "workloads")
+
+
+def launch(
+    registry: Path, name: str, size_mib: int, kernel_spec: str, memfd: int | None = None
+) -> int:
+    """Start one demo store as a daemon (it outlives whoever started it); its pid."""
+    argv = [
+        sys.executable,
+        "-m",
+        "orchestrator.demo_kv",
+        "--name",
+        name,
+        "--registry",
+        str(registry),
+        "--size-mib",
+        str(size_mib),
+        "--detach",
+    ]
+    if memfd is not None:
+        argv += ["--memfd", str(memfd)]
+    registry.mkdir(parents=True, exist_ok=True)
+    with open(registry / f"{name}.log", "ab") as log:
+        done = subprocess.run(
+            argv,
+            pass_fds=(memfd,) if memfd is not None else (),
+            check=False,
+            env={**os.environ, "LIVEUPDATE_KERNEL": kernel_spec},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            timeout=60,
+        )
+    if done.returncode != 0:
+        raise WorkloadError(
+            f"workload {name!r} failed to start (see {registry / name}.log)"
+        )
+    return int(done.stdout)
+
+
+def wait_published(
+    registry: Path, name: str, pid: int, timeout: float = 120.0
+) -> dict[str, Any]:
+    """The registry entry of store *name* once process *pid* has published it."""
+    deadline = time.monotonic() + timeout
+    path = registry / f"{name}.json"
+    while time.monotonic() < deadline:
+        try:
+            info: dict[str, Any] = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            info = {}
+        if info.get("pid") == pid:
+            return info
+        time.sleep(0.01)
+    raise WorkloadError(
+        f"workload {name!r} (pid {pid}) did not start within {timeout:g} s"
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether *pid* exists and is not a zombie (cheap: inside the blackout)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _alive(info: dict[str, Any]) -> None:
+    try:
+        reply = ask(info["socket"], "PING", timeout=5)
+    except OSError as exc:
+        raise WorkloadError(
+            f"workload {info['name']!r} (pid {info['pid']}) is not answering: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    if reply != "PONG":
+        raise WorkloadError(f"workload {info['name']!r} answered {reply!r} to PING")
+
+
+class WorkloadsPlugin:
+    """Holds each workload's memfd from quiesce on, so that a workload that dies
+    during the update is started again from its data when the update is cancelled."""
+
+    name = "workloads"
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}
+
+    def _release(self) -> None:
+        for fd in self._held.values():
+            os.close(fd)
+        self._held.clear()
+
+    @hookimpl
+    async def lu_quiesce(self, ctx: StepContext) -> None:
+        registry = _registry(ctx)
+        entries = [json.loads(p.read_text()) for p in sorted(registry.glob("*.json"))]
+        if not entries:
+            raise WorkloadError(f"no workloads registered in {registry}")
+        for info in entries:
+            await anyio.to_thread.run_sync(_alive, info)
+            if info["name"] not in self._held:
+                try:
+                    path = f"/proc/{info['pid']}/fd/{info['fd']}"
+                    self._held[info["name"]] = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise WorkloadError(
+                        f"cannot reach the memfd of workload {info['name']!r}: {exc.strerror}"
+                    ) from exc
+        ctx.record("workloads", entries)
+
+    @hookimpl
+    async def lu_quiesce_rollback(self, ctx: StepContext) -> None:
+        """Every workload serves again: any that died restarts on its own data."""
+        registry = _registry(ctx)
+        try:
+            for info in ctx.recorded("workloads", []):
+                try:
+                    await anyio.to_thread.run_sync(_alive, info)
+                    continue
+                except WorkloadError:
+                    held = self._held.get(info["name"])
+                    if held is None:
+                        raise
+                ctx.log.warning(
+                    "workload %s died during the update; restarting it", info["name"]
+                )
+                pid = launch(registry, info["name"], 0, ctx.kernel.spec, held)
+                new = await anyio.to_thread.run_sync(
+                    wait_published, registry, info["name"], pid
+                )
+                if new["sha256"] != info["sha256"]:
+                    raise WorkloadError(
+                        f"workload {info['name']!r} restarted with other data"
+                    )
+        finally:
+            self._release()
+
+    @hookimpl
+    async def lu_preserve(self, ctx: StepContext) -> None:
+        for info in ctx.recorded("workloads", []):
+            await ctx.preserve(info["name"], self._held[info["name"]])
+
+    @hookimpl
+    async def lu_freeze(self, ctx: StepContext) -> None:
+        for info in ctx.recorded("workloads", []):
+            if not _running(int(info["pid"])):
+                raise WorkloadError(f"workload {info['name']!r} died before the freeze")
+            os.kill(int(info["pid"]), signal.SIGSTOP)
+        ctx.record("stopped", True)
+
+    @hookimpl
+    async def lu_freeze_rollback(self, ctx: StepContext) -> None:
+        for info in ctx.recorded("workloads", []):
+            try:
+                os.kill(int(info["pid"]), signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # dead: the quiesce rollback starts it again
+
+    @hookimpl
+    async def lu_restore(self, ctx: StepContext) -> None:
+        registry = _registry(ctx)
+        restored = []
+        for info in ctx.recorded("workloads", []):
+            with await ctx.retrieve(info["name"]) as fd:
+                pid = launch(registry, info["name"], 0, ctx.kernel.spec, fd.fileno())
+            new = await anyio.to_thread.run_sync(
+                wait_published, registry, info["name"], pid
+            )
+            if new["sha256"] != info["sha256"] or new["size"] != info["size"]:
+                raise WorkloadError(
+                    f"workload {info['name']!r}: data differs after the kexec "
+                    f"(sha256 {new['sha256'][:12]} != {info['sha256'][:12]})"
+                )
+            restored.append(new)
+        ctx.record("restored", restored)
+
+    @hookimpl
+    async def lu_finish(self, ctx: StepContext) -> None:
+        for info in ctx.recorded("restored", []):
+            await anyio.to_thread.run_sync(_alive, info)

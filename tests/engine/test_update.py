@@ -1,0 +1,255 @@
+"""Whole updates on the simulated kernel, with faults injected in every phase.
+
+Each test starts real workload processes (the demo key-value stores, data in
+memfds), runs ``liveupdate run`` as a separate process -- the simulated kexec
+ends it, as a real one would -- and checks how the host ends: updated, or
+back in NORMAL with the workloads running and their data intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from orchestrator._journal import Journal, read_journal
+from orchestrator.demo_kv import ask
+from orchestrator.luo.sim import SimKernel
+from plugins.workloads import launch, wait_published
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Host:
+    state: Path
+    kernel: SimKernel
+    registry: Path
+    sums: dict[str, str]
+
+    def playbook(
+        self, extra: dict[str, list[dict[str, Any]]] | None = None, budget: str = "5s"
+    ) -> Path:
+        phases: dict[str, list[dict[str, Any]]] = {
+            "quiesce": [{"plugin": "workloads"}],
+            "preserve": [{"plugin": "workloads"}],
+            "prepare": [{"plugin": "kexec"}],
+            "freeze": [{"plugin": "workloads"}],
+            "restore": [{"plugin": "workloads"}],
+            "finish": [{"plugin": "workloads"}],
+        }
+        for phase, steps in (extra or {}).items():
+            phases[phase] = phases.get(phase, []) + steps
+        image = self.state / "vmlinuz-next"
+        image.write_bytes(b"simulated kernel image\n")
+        doc = {
+            "name": "test",
+            "kernel": self.kernel.spec,
+            "state_dir": str(self.state),
+            "next_kernel": {"image": str(image), "cmdline": "liveupdate=on"},
+            "blackout_budget": budget,
+            "defaults": {"timeout": "20s"},
+            "phases": {p: {"steps": s} for p, s in phases.items()},
+        }
+        path = self.state / "playbook.yaml"
+        path.write_text(json.dumps(doc))  # JSON is YAML
+        return path
+
+    def liveupdate(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=240,
+        )
+
+    def status(self) -> dict[str, Any]:
+        done = self.liveupdate("status", "--state-dir", str(self.state), "--json")
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    def assert_workloads_intact(self) -> None:
+        for name, checksum in self.sums.items():
+            info = json.loads((self.registry / f"{name}.json").read_text())
+            assert ask(info["socket"], "SUM", timeout=60) == checksum, (
+                f"{name} lost data"
+            )
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    state = tmp_path / "state"
+    kernel = SimKernel(state / "kernel")
+    registry = state / "workloads"
+    sums = {}
+    for i in range(2):
+        pid = launch(registry, f"kv{i}", 4, kernel.spec)
+        sums[f"kv{i}"] = wait_published(registry, f"kv{i}", pid)["sha256"]
+    yield Host(state, kernel, registry, sums)
+    for entry in registry.glob("*.json"):
+        try:
+            os.kill(json.loads(entry.read_text())["pid"], signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def events(host: Host, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_journal(host.state) if r["event"] == name]
+
+
+def test_complete_update(host: Host) -> None:
+    book = host.playbook()
+    boot = host.kernel.boot_id()
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == -signal.SIGKILL, run.stderr  # ended by the kexec
+    assert host.kernel.boot_id() != boot
+    resume = host.liveupdate("resume", str(book))
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    status = host.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "completed")
+    assert status["blackout_s"] > 0
+    assert len(status["boots"]) == 2
+    host.assert_workloads_intact()
+    assert host.liveupdate("resume", str(book)).stdout.startswith("nothing to resume")
+
+
+@pytest.mark.parametrize("phase", ["quiesce", "preserve", "prepare", "freeze"])
+def test_hook_raises_cancels(host: Host, phase: str) -> None:
+    trace = host.state / "trace"
+    book = host.playbook(
+        {phase: [{"plugin": "faults", "with": {"fail": "boom", "trace": str(trace)}}]}
+    )
+    boot = host.kernel.boot_id()
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "boom" in run.stdout
+    assert host.kernel.boot_id() == boot, "no kexec may happen"
+    assert not host.kernel.kexec_loaded(), "the next kernel must be unloaded"
+    status = host.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "cancelled")
+    rolled = [r["phase"] for r in events(host, "rollback_end")]
+    order = ["quiesce", "preserve", "prepare", "freeze"]
+    assert rolled == sorted(rolled, key=order.index, reverse=True), (
+        "undo in reverse order"
+    )
+    host.assert_workloads_intact()
+
+
+def test_hook_timeout_cancels(host: Host) -> None:
+    book = host.playbook(
+        {"preserve": [{"plugin": "faults", "timeout": "300ms", "with": {"hang": 30}}]}
+    )
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == 5
+    assert "timed out after 0.3 s" in run.stdout
+    assert host.status()["outcome"] == "cancelled"
+    host.assert_workloads_intact()
+
+
+def test_transient_error_succeeds_on_attempt_3(host: Host) -> None:
+    step = {
+        "plugin": "faults",
+        "retry": {"attempts": 3, "backoff": "10ms"},
+        "with": {"transient_failures": 2},
+    }
+    book = host.playbook({"prepare": [step]})
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == -signal.SIGKILL, run.stdout + run.stderr
+    assert "attempt 1 failed" in run.stdout
+    assert "attempt 2 failed" in run.stdout
+    retries = events(host, "retry")
+    assert [r["attempt"] for r in retries] == [1, 2]
+    (end,) = [r for r in events(host, "step_end") if r["plugin"] == "faults"]
+    assert end["attempts"] == 3
+    assert host.liveupdate("resume", str(book)).returncode == 0
+    assert host.status()["outcome"] == "completed"
+    host.assert_workloads_intact()
+
+
+@pytest.mark.parametrize("phase", ["quiesce", "preserve", "prepare", "freeze"])
+def test_orchestrator_killed_then_resume_cancels(host: Host, phase: str) -> None:
+    book = host.playbook({phase: [{"plugin": "faults", "with": {"kill_self": True}}]})
+    boot = host.kernel.boot_id()
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == -signal.SIGKILL
+    assert host.kernel.boot_id() == boot, "killed before the kexec"
+    assert host.status()["outcome"] is None, "the run is unfinished"
+    resume = host.liveupdate("resume", str(book))
+    assert resume.returncode == 5, resume.stdout + resume.stderr
+    status = host.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "cancelled")
+    assert not host.kernel.kexec_loaded()
+    host.assert_workloads_intact()  # SIGCONT'd if the freeze had paused them
+
+
+def test_workload_dies_cancels_and_restarts_it(host: Host) -> None:
+    book = host.playbook(
+        {
+            "preserve": [{"plugin": "faults", "with": {"kill_workload": "kv1"}}],
+            "freeze": [],
+        }
+    )
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "died before the freeze" in run.stdout
+    assert host.status()["outcome"] == "cancelled"
+    host.assert_workloads_intact()  # kv1 restarted from the memfd the plugin held
+
+
+def test_kernel_refuses_freeze_cancels(host: Host) -> None:
+    host.kernel.inject_fault("freeze", "EIO")
+    book = host.playbook()
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == 5
+    assert "refused to freeze" in run.stdout
+    assert not host.kernel.kexec_loaded()
+    host.assert_workloads_intact()
+
+
+def test_blackout_budget_exceeded_cancels(host: Host) -> None:
+    book = host.playbook(
+        {"freeze": [{"plugin": "faults", "with": {"hang": 10}}]}, budget="300ms"
+    )
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == 5
+    assert "exceeded the blackout budget of 0.3 s" in run.stdout
+    host.assert_workloads_intact()
+
+
+def test_second_orchestrator_is_refused(host: Host) -> None:
+    book = host.playbook()
+    with Journal(host.state, host.kernel.boot_id()).locked("test"):
+        run = host.liveupdate("run", str(book))
+    assert run.returncode == 1
+    assert "another orchestrator is running on this host" in run.stderr
+    host.assert_workloads_intact()
+
+
+def test_plan_shows_steps_and_does_nothing(host: Host) -> None:
+    book = host.playbook()
+    done = host.liveupdate("plan", str(book))
+    assert done.returncode == 0, done.stderr
+    assert "1. workloads [workloads] timeout 20 s" in done.stdout
+    assert "kexec (the engine" in done.stdout
+    assert not (host.state / "journal.jsonl").exists()
+
+
+def test_malformed_playbook_is_one_clear_error(host: Host) -> None:
+    bad = host.state / "bad.yaml"
+    bad.write_text("name: x\nphases:\n  quiesce:\n    steps:\n      - plugin: nosuch\n")
+    done = host.liveupdate("plan", str(bad))
+    assert done.returncode == 2
+    assert f"{bad}:5:" in done.stderr
+    assert "unknown plugin 'nosuch'" in done.stderr
