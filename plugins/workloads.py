@@ -11,6 +11,7 @@ Options: ``registry`` (default ``STATE_DIR/workloads``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,6 +158,10 @@ class WorkloadsPlugin:
         registry = _registry(ctx)
         try:
             for info in ctx.recorded("workloads", []):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(
+                        int(info["pid"]), signal.SIGCONT
+                    )  # idempotent: never left paused
                 try:
                     await anyio.to_thread.run_sync(_alive, info)
                     continue
@@ -185,10 +190,21 @@ class WorkloadsPlugin:
 
     @hookimpl
     async def lu_freeze(self, ctx: StepContext) -> None:
-        for info in ctx.recorded("workloads", []):
+        """Pause every workload, or none: a failed freeze leaves nothing paused."""
+        workloads = ctx.recorded("workloads", [])
+        for info in workloads:
             if not _running(int(info["pid"])):
                 raise WorkloadError(f"workload {info['name']!r} died before the freeze")
-            os.kill(int(info["pid"]), signal.SIGSTOP)
+        stopped: list[int] = []
+        try:
+            for info in workloads:
+                os.kill(int(info["pid"]), signal.SIGSTOP)
+                stopped.append(int(info["pid"]))
+        except BaseException:
+            for pid in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            raise
         ctx.record("stopped", True)
 
     @hookimpl

@@ -36,6 +36,7 @@ class Host:
     kernel: SimKernel
     registry: Path
     sums: dict[str, str]
+    pids: dict[str, int]
 
     def playbook(
         self, extra: dict[str, list[dict[str, Any]]] | None = None, budget: str = "5s"
@@ -93,11 +94,11 @@ def host(tmp_path: Path) -> Iterator[Host]:
     state = tmp_path / "state"
     kernel = SimKernel(state / "kernel")
     registry = state / "workloads"
-    sums = {}
+    sums, pids = {}, {}
     for i in range(2):
-        pid = launch(registry, f"kv{i}", 4, kernel.spec)
+        pid = pids[f"kv{i}"] = launch(registry, f"kv{i}", 4, kernel.spec)
         sums[f"kv{i}"] = wait_published(registry, f"kv{i}", pid)["sha256"]
-    yield Host(state, kernel, registry, sums)
+    yield Host(state, kernel, registry, sums, pids)
     for entry in registry.glob("*.json"):
         try:
             os.kill(json.loads(entry.read_text())["pid"], signal.SIGKILL)
@@ -206,6 +207,10 @@ def test_workload_dies_cancels_and_restarts_it(host: Host) -> None:
     assert "died before the freeze" in run.stdout
     assert host.status()["outcome"] == "cancelled"
     host.assert_workloads_intact()  # kv1 restarted from the memfd the plugin held
+    kv0 = json.loads((host.registry / "kv0.json").read_text())["pid"]
+    assert kv0 == host.pids["kv0"], "kv0 kept running: not restarted"
+    state = Path(f"/proc/{kv0}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state in ("R", "S"), f"kv0 must run, not be left paused ({state})"
 
 
 def test_kernel_refuses_freeze_cancels(host: Host) -> None:
