@@ -14,10 +14,13 @@ if TYPE_CHECKING:
     import argparse
 
     from ._playbook import Playbook
+    from ._preserve import Retriever
     from .luo import Kernel
 
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
+PREFETCHED: Retriever | None = None
+"""Sessions ``orchestrator._resume`` retrieved before the CLI was even parsed."""
 
 
 class Printer:
@@ -172,7 +175,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ._engine import Engine, Outcome
 
     playbook, kernel, state = _load(args)
-    outcome = anyio.run(Engine(playbook, kernel, state, reporter=Printer()).resume)
+    engine = Engine(playbook, kernel, state, reporter=Printer())
+    outcome = anyio.run(engine.resume, PREFETCHED)
     if outcome is Outcome.NOTHING:
         print("nothing to resume: no update in progress")
         return 0

@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._errors import OrchestratorError
@@ -44,14 +43,16 @@ class LockedError(JournalError):
         )
 
 
-@dataclass(slots=True)
 class Journal:
     """Append-only journal in *state_dir*, written by one orchestrator at a time."""
 
-    state_dir: Path
-    boot_id: str
-    _fd: int | None = field(default=None, init=False)
-    _lock_fd: int | None = field(default=None, init=False)
+    __slots__ = ("_fd", "_lock_fd", "boot_id", "state_dir")
+
+    def __init__(self, state_dir: Path, boot_id: str) -> None:
+        self.state_dir = state_dir
+        self.boot_id = boot_id
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
 
     @property
     def path(self) -> Path:
@@ -106,10 +107,11 @@ class Journal:
         return record
 
 
-def read_journal(state_dir: Path) -> list[dict[str, Any]]:
+def read_journal(state_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every complete record of the journal in *state_dir* (oldest first)."""
     try:
-        raw = (state_dir / "journal.jsonl").read_bytes()
+        with open(os.path.join(state_dir, "journal.jsonl"), "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -133,10 +135,10 @@ def last_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return []
 
 
-def lock_holder(state_dir: Path) -> str | None:
+def lock_holder(state_dir: str | os.PathLike[str]) -> str | None:
     """Who holds the orchestrator lock, or None."""
     try:
-        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(os.path.join(state_dir, "lock"), os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:

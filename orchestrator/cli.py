@@ -7,16 +7,13 @@ device is busy (``probe``).
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidArgumentError, OrchestratorError, PlaybookError
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
     from .luo._probe import ProbeReport
@@ -60,6 +57,8 @@ def _render_probe(report: ProbeReport) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
     from .luo._probe import probe
 
     report = probe(args.kernel, try_kinds=not args.no_kinds)
@@ -71,6 +70,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
     from .luo.sim import SimKernel
 
     root = Path(args.dir)
@@ -90,6 +92,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="liveupdate",
         description="Update a host's Linux kernel without stopping its VMs: drive "
@@ -139,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_update_commands(sub: Any) -> None:
+    from pathlib import Path
+
     from . import _cli_update as u
 
     default_demo = Path(__file__).resolve().parent.parent / "playbooks" / "demo.yaml"
@@ -207,6 +213,20 @@ def _add_update_commands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["resume"]:
+        # Inside the blackout window: take the sessions back before importing
+        # anything heavy (argument parsing, the engine, the plugins).
+        from . import _resume
+
+        try:
+            retriever = _resume.prefetch(argv[1:])
+        except OrchestratorError as exc:
+            print(f"liveupdate: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        from . import _cli_update
+
+        _cli_update.PREFETCHED = retriever
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

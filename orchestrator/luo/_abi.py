@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Final, final
 
 from ._ioc import io, ior, iow, iowr
@@ -40,14 +39,23 @@ _CTYPES: Final[dict[str, tuple[str, int, int]]] = {
 
 
 @final
-@dataclass(frozen=True, slots=True)
 class FieldInfo:
-    """Where one field of a struct lives."""
+    """Where one field of a struct lives.
 
-    name: str
-    ctype: str
-    offset: int
-    size: int
+    (A plain class, not a dataclass: this module is on the restore path, and
+    ``dataclasses`` costs milliseconds to import.)
+    """
+
+    __slots__ = ("ctype", "name", "offset", "size")
+
+    def __init__(self, name: str, ctype: str, offset: int, size: int) -> None:
+        self.name = name
+        self.ctype = ctype
+        self.offset = offset
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"<FieldInfo {self.name}: {self.ctype} @{self.offset} ({self.size})>"
 
 
 @final
@@ -167,13 +175,18 @@ SESSION_GET_NAME = Layout(
 
 
 @final
-@dataclass(frozen=True, slots=True)
 class Request:
     """One ioctl: its name, number and argument layout (``None``: no argument)."""
 
-    name: str
-    number: int
-    layout: Layout | None
+    __slots__ = ("layout", "name", "number")
+
+    def __init__(self, name: str, number: int, layout: Layout | None) -> None:
+        self.name = name
+        self.number = number
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"<Request {self.name} {self.number:#x}>"
 
 
 class MergedNr(enum.IntEnum):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Protocol, final
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from pathlib import Path
 
 DEVICE_PATH = "/dev/liveupdate"
 KERNEL_ENV = "LIVEUPDATE_KERNEL"
@@ -98,10 +98,12 @@ class RealKernel:
         os.close(fd)
 
     def boot_id(self) -> str:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
 
     def cmdline(self) -> str:
-        return Path("/proc/cmdline").read_text().strip()
+        with open("/proc/cmdline") as f:
+            return f.read().strip()
 
     def kexec_load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
         from . import _kexec
@@ -139,6 +141,8 @@ def kernel_from_spec(spec: str | None = None) -> Kernel:
     if spec == "real":
         return RealKernel()
     if spec.startswith("sim:") and len(spec) > 4:
+        from pathlib import Path
+
         from .sim import SimKernel
 
         return SimKernel(Path(spec[4:]))

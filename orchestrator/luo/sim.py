@@ -431,12 +431,21 @@ class SimKernel:
         path = self.boot / "in" / name.encode().hex()
         if not path.exists():
             raise _err(E.ENOENT)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _err(E.EINVAL) from None  # retrieved, and its holder has it open
         state = _read_json(path / "state.json")
         if state["retrieved"]:
-            raise _err(E.EINVAL)
+            # Its holder closed it or died: luo_session_release() finished and
+            # removed it then. Do now what the release would have done.
+            os.close(fd)
+            shutil.rmtree(path, ignore_errors=True)
+            raise _err(E.ENOENT)
         state["retrieved"] = True
         _write_json(path / "state.json", state)
-        fd = os.open(path / "state.json", os.O_RDONLY | os.O_CLOEXEC)
         self._handles[fd] = _InSession(name, path)
         self._copy_out(_abi.SESSION_RETRIEVE, arg, fd=fd)
 

@@ -224,6 +224,30 @@ def close_finishes_after(kernel: Kernel, carry: Carry, keep: list[object]) -> No
         raise AssertionError("a closed incoming session came back")
 
 
+def holder_exits_after(kernel: Kernel, carry: Carry, keep: list[object]) -> None:
+    """A process that retrieves a session and exits without FINISH releases it:
+    the kernel finishes it (luo_session_release), so it is gone afterwards."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from orchestrator.luo import LiveUpdateDevice, kernel_from_spec\n"
+        "dev = LiveUpdateDevice.open(kernel_from_spec(sys.argv[1]))\n"
+        "s = dev.retrieve_session('c-holder-exits')\n"
+        "s.retrieve_fd(1)\n"
+        "import os; os._exit(0)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code, kernel.spec], check=True, cwd=root)
+    try:
+        _retrieve(kernel, "c-holder-exits")
+    except SessionNotFoundError:
+        pass
+    else:
+        raise AssertionError("a session released by its holder's exit came back")
+
+
 # --- across two kexecs --------------------------------------------------------------
 
 
@@ -296,6 +320,11 @@ SCENARIOS: tuple[Scenario, ...] = (
         "close-finishes",
         (one_file_before("c-close-in", 30), close_finishes_after),
         "closing a retrieved session finishes and removes it",
+    ),
+    Scenario(
+        "holder-exits",
+        (one_file_before("c-holder-exits", 60), holder_exits_after),
+        "a retrieved session whose holder exits is finished and removed",
     ),
     Scenario(
         "two-kexecs",

@@ -258,3 +258,39 @@ def test_malformed_playbook_is_one_clear_error(host: Host) -> None:
     assert done.returncode == 2
     assert f"{bad}:5:" in done.stderr
     assert "unknown plugin 'nosuch'" in done.stderr
+
+
+def test_resume_retrieves_sessions_before_heavy_imports(host: Host) -> None:
+    """The restore path's first kernel call happens with only the stdlib and the
+    kernel layer loaded: no anyio, pluggy, tenacity, YAML or metrics stack."""
+    book = host.playbook()
+    assert host.liveupdate("run", str(book)).returncode == -signal.SIGKILL
+    probe = (
+        "import sys\n"
+        "from orchestrator import _resume\n"
+        f"r = _resume.prefetch(['--state-dir', {str(host.state)!r}])\n"
+        "heavy = {'anyio', 'pluggy', 'tenacity', 'yaml', 'prometheus_client', 'httpx'}\n"
+        "print(sorted(r.sessions), sorted(heavy & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == "['lu-workloads'] []"
+    # That process ended holding the retrieved session: as in the kernel, the
+    # release finished it, so the data is gone and resume says so.
+    resume = host.liveupdate("resume", str(book), "--state-dir", str(host.state))
+    assert resume.returncode == 1
+    assert "no session of this name came through" in resume.stderr
+
+
+def test_resume_fast_path_completes_the_update(host: Host) -> None:
+    book = host.playbook()
+    assert host.liveupdate("run", str(book)).returncode == -signal.SIGKILL
+    resume = host.liveupdate("resume", str(book), "--state-dir", str(host.state))
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    assert host.status()["outcome"] == "completed"
+    host.assert_workloads_intact()
