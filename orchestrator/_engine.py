@@ -23,25 +23,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.to_thread
 import pluggy
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 
 from ._context import RunContext, StepContext
-from ._errors import PhaseError, PhaseTimeoutError, TransientError
+from ._errors import PhaseError, PhaseTimeoutError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
 from ._journal import Journal, last_run, read_journal
 from ._phases import Phase, State
 from ._preserve import Retriever, open_preserver
+from ._retry import retrying
 from .luo import KexecError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from pathlib import Path
+
+    from tenacity import RetryCallState
 
     from ._playbook import Playbook, Step
     from .luo import Kernel
@@ -51,6 +47,9 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "liveupdate.plugins"
 ROLLBACK_BUDGET = 60.0
 """Seconds the whole rollback may take (each rollback hook: its step timeout)."""
+
+
+_ANNOUNCE = frozenset({"step_start", "phase_start", "retry", "rollback_start"})
 
 
 class Outcome(Enum):
@@ -115,15 +114,6 @@ class Done:
     step: Step
 
 
-def _retry_predicate(step: Step) -> Callable[[BaseException], bool]:
-    def transient(exc: BaseException) -> bool:
-        if isinstance(exc, TransientError):
-            return True
-        return isinstance(exc, OSError) and exc.errno in step.retry.on_errno
-
-    return transient
-
-
 class Engine:
     """Runs one playbook on one kernel, journaling into *state_dir*."""
 
@@ -145,7 +135,9 @@ class Engine:
     # --- journaling --------------------------------------------------------------
 
     def _log(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = self.journal.append(event, **fields)
+        # Records that only announce work need not reach the disk by themselves:
+        # recovery looks at what ended. The next durable record flushes them.
+        record = self.journal.append(event, durable=event not in _ANNOUNCE, **fields)
         if self.reporter is not None:
             self.reporter(record)
         return record
@@ -161,7 +153,20 @@ class Engine:
             raise PhaseError(
                 step.phase.value, step.name, f"plugin {step.plugin!r} has no hook"
             )
-        attempt_no = 0
+        attempts = 0
+
+        async def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            try:
+                with anyio.fail_after(step.timeout):
+                    await hook(ctx=StepContext(step, run, attempts))
+            except TimeoutError as exc:
+                raise PhaseTimeoutError(
+                    step.phase.value,
+                    step.name,
+                    f"timed out after {step.timeout:g} s (attempt {attempts})",
+                ) from exc
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -174,16 +179,6 @@ class Engine:
                 wait=state.next_action.sleep if state.next_action else 0.0,
             )
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(_retry_predicate(step)),
-            stop=stop_after_attempt(step.retry.attempts),
-            wait=wait_exponential(
-                multiplier=step.retry.backoff, max=step.retry.max_backoff
-            ),
-            sleep=anyio.sleep,
-            reraise=True,
-            before_sleep=before_sleep,
-        )
         self._log(
             "step_start",
             phase=step.phase.value,
@@ -192,19 +187,12 @@ class Engine:
             plugin=step.plugin,
         )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    attempt_no += 1
-                    ctx = StepContext(step, run, attempt_no)
-                    try:
-                        with anyio.fail_after(step.timeout):
-                            await hook(ctx=ctx)
-                    except TimeoutError as exc:
-                        raise PhaseTimeoutError(
-                            step.phase.value,
-                            step.name,
-                            f"timed out after {step.timeout:g} s (attempt {attempt_no})",
-                        ) from exc
+            if step.retry.attempts == 1:
+                await attempt()  # no retry loop to build: the common case
+            else:
+                async for trying in retrying(step.retry, before_sleep):
+                    with trying:
+                        await attempt()
         except Exception as exc:
             self._log(
                 "step_end",
@@ -212,7 +200,7 @@ class Engine:
                 step=step.name,
                 plugin=step.plugin,
                 ok=False,
-                attempts=attempt_no,
+                attempts=attempts,
                 error=f"{type(exc).__name__}: {exc}",
             )
             if isinstance(exc, PhaseError):
@@ -227,7 +215,7 @@ class Engine:
             index=step.index,
             plugin=step.plugin,
             ok=True,
-            attempts=attempt_no,
+            attempts=attempts,
             records=run.records.get(step.plugin, {}),
             manifest=run.manifest.get(step.plugin, {}),
         )

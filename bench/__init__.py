@@ -1,0 +1,1 @@
+"""Benchmarks of luo-orchestrator (``make bench``); numbers go to docs/benchmarks.md."""
