@@ -7,7 +7,7 @@ after a kexec pays only for what it touches.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from orchestrator._compat import TYPE_CHECKING
 
 from ._errors import InvalidArgumentError, OrchestratorError
 

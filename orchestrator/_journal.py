@@ -18,13 +18,15 @@ import fcntl
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any
+
+from orchestrator._compat import TYPE_CHECKING
 
 from ._errors import OrchestratorError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+    from typing import Any
 
 
 class JournalError(OrchestratorError):

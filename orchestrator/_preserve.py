@@ -10,11 +10,14 @@ every fd back.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+
+from orchestrator._compat import TYPE_CHECKING, Protocol
 
 from .luo import LiveUpdateDevice, RfcDevice, RfcState, Session
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from .luo import Kernel, OwnedFd
 
 SESSION_PREFIX = "lu-"
@@ -39,7 +42,6 @@ class Preserver(Protocol):
 
     def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
         """Preserve *fd*; return the manifest entry that finds it after the kexec."""
-        ...
 
     def prepare(self) -> None: ...
     def cancel(self) -> None: ...

@@ -14,7 +14,8 @@ Set ``LIVEUPDATE_EXIT_AFTER=first-kernel-call`` to exit right after that call:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+from orchestrator._compat import TYPE_CHECKING
 
 from ._journal import last_run, read_journal
 from ._preserve import Retriever

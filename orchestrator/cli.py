@@ -8,13 +8,15 @@ device is busy (``probe``).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+
+from orchestrator._compat import TYPE_CHECKING
 
 from ._errors import InvalidArgumentError, OrchestratorError, PlaybookError
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
+    from typing import Any
 
     from .luo._probe import ProbeReport
 

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Final, final
+
+from orchestrator._compat import TYPE_CHECKING, final
 
 from ._ioc import io, ior, iow, iowr
+
+if TYPE_CHECKING:
+    from typing import Final
 
 LIVEUPDATE_IOCTL_TYPE: Final = 0xBA
 SESSION_NAME_LENGTH: Final = 64

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import errno as E
 import os
-from typing import Final
 
+from orchestrator._compat import TYPE_CHECKING
 from orchestrator._errors import OrchestratorError
+
+if TYPE_CHECKING:
+    from typing import Final
 
 
 class KernelError(OrchestratorError, OSError):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, final
+
+from orchestrator._compat import TYPE_CHECKING, final
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import TYPE_CHECKING, NoReturn, Protocol, final
+
+from orchestrator._compat import TYPE_CHECKING, Protocol, final
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
+    from typing import NoReturn
 
 DEVICE_PATH = "/dev/liveupdate"
 KERNEL_ENV = "LIVEUPDATE_KERNEL"
@@ -31,47 +33,36 @@ class Kernel(Protocol):
     @property
     def spec(self) -> str:
         """``"real"`` or ``"sim:DIR"``: enough to find this kernel again."""
-        ...
 
     def open_device(self) -> int:
         """Open /dev/liveupdate; return the fd."""
-        ...
 
     def ioctl(self, fd: int, request: int, arg: bytearray | None) -> None:
         """Issue *request* on *fd*; the kernel may write into *arg*."""
-        ...
 
     def close(self, fd: int) -> None:
         """Close an fd this kernel handed out (device, session or retrieved file)."""
-        ...
 
     def boot_id(self) -> str:
         """The id of the running boot (changes at every kexec)."""
-        ...
 
     def cmdline(self) -> str:
         """The running kernel's command line."""
-        ...
 
     def kexec_load(self, kernel: Path, initrd: Path | None, cmdline: str) -> None:
         """Load the next kernel (``kexec_file_load``)."""
-        ...
 
     def kexec_unload(self) -> None:
         """Unload a loaded next kernel."""
-        ...
 
     def kexec_loaded(self) -> bool:
         """Whether a next kernel is loaded."""
-        ...
 
     def reboot_kexec(self) -> NoReturn:
         """Jump into the loaded kernel; returns only by raising (the kexec failed)."""
-        ...
 
     def log_lines(self) -> Sequence[str]:
         """The kernel log lines about live update of this boot (best effort)."""
-        ...
 
 
 @final

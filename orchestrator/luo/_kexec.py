@@ -15,12 +15,14 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, NoReturn
+
+from orchestrator._compat import TYPE_CHECKING
 
 from ._errors import KexecError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from typing import Final, NoReturn
 
 # Syscall numbers by machine (asm/unistd_64.h and asm-generic/unistd.h).
 _SYS_KEXEC_FILE_LOAD: Final = {"x86_64": 320, "aarch64": 294, "riscv64": 294}

@@ -13,7 +13,8 @@ import os
 import random
 import socket
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Final
+
+from orchestrator._compat import TYPE_CHECKING
 
 from . import _abi
 from ._errors import DeviceBusyError, KernelError, kernel_error
@@ -24,6 +25,7 @@ from ._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from typing import Final
 
 EXIT_OK: Final = 0
 EXIT_NOT_POSSIBLE: Final = 3

@@ -13,7 +13,8 @@ withdrawn in NORMAL (FD_UNPRESERVE), and come back in UPDATED (FD_RESTORE).
 from __future__ import annotations
 
 import errno as E
-from typing import TYPE_CHECKING, final
+
+from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
 from ._abi import RfcState

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import errno as E
 import os
-from typing import TYPE_CHECKING, Protocol, final
 
+from orchestrator._compat import TYPE_CHECKING, Protocol, final
 from orchestrator._errors import InvalidArgumentError
 
 from . import _abi

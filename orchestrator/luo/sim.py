@@ -48,10 +48,9 @@ import signal
 import stat
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn, final
+
+from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
 from ._abi import RfcState
@@ -60,6 +59,7 @@ from ._ioc import ioc_nr, ioc_type
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
+    from typing import Any, Final, NoReturn
 
 SEALS_KNOWN: Final = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20
 """MEMFD_LUO_ALL_SEALS: SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC."""
@@ -79,6 +79,12 @@ def _write_json(path: Path, data: object) -> None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def _new_boot_id() -> str:
+    """A random id in the form of /proc/sys/kernel/random/boot_id."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _start_time(pid: int) -> str | None:
@@ -119,23 +125,33 @@ def _fs_type(path: str) -> str:
     return kind
 
 
-@dataclass(slots=True)
+# Plain classes rather than dataclasses: the simulator is imported on the
+# restore path of a simulated host, and dataclasses cost milliseconds to import.
+
+
 class _Device:
-    abi: str
+    __slots__ = ("abi",)
+
+    def __init__(self, abi: str) -> None:
+        self.abi = abi
 
 
-@dataclass(slots=True)
 class _OutSession:
-    name: str
-    path: Path
-    dups: dict[int, int] = field(default_factory=dict)  # token -> pinned dup
+    __slots__ = ("dups", "name", "path")
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.dups: dict[int, int] = {}  # token -> pinned dup
 
 
-@dataclass(slots=True)
 class _InSession:
-    name: str
-    path: Path
-    opened: dict[int, int] = field(default_factory=dict)  # token -> restored memfd
+    __slots__ = ("name", "opened", "path")
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.opened: dict[int, int] = {}  # token -> restored memfd
 
 
 _Handle = _Device | _OutSession | _InSession
@@ -188,7 +204,7 @@ class SimKernel:
         (path / "in").mkdir()
         info = {
             "abi": abi,
-            "boot_id": str(uuid.uuid4()),
+            "boot_id": _new_boot_id(),
             "generation": gen,
             "liveupdate_number": number,
             "cmdline": cmdline,
