@@ -1,0 +1,357 @@
+"""``python -m tests.vm.e2e``: real-kernel end-to-end runs in QEMU.
+
+Ensures the LUO test kernel (build or cache, see :mod:`tests.vm.kernel`), then
+runs the selected scenarios (default: all) and exits non-zero on any failure.
+
+Scenario ``floor``: boot -> ``floor pre`` (1 GiB memfd preserved) -> kexec ->
+``floor post`` (retrieve, FINISH, byte-for-byte check) -> power off; prints the
+kernel's LUO/KHO lines, the verification result and a blackout breakdown.
+
+To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
+failure messages; build a :class:`~tests.vm.harness.Scenario`, call
+:func:`~tests.vm.harness.run_scenario`, inspect the :class:`~tests.vm.harness.Result`)
+and register it in :data:`SCENARIOS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import statistics
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from tests.vm.harness import (
+    Mark,
+    Result,
+    Scenario,
+    SerialLine,
+    python_argv,
+    run_scenario,
+)
+from tests.vm.kernel import Kernel, KernelBuildError, ensure_kernel
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+LUO_LINES = re.compile(r"^(?!.*ommand line:).*(liveupdate|luo:|KHO)", re.IGNORECASE)
+LU_NUMBER = re.compile(r"liveupdate number: (\d+)")
+PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]")
+
+
+def _section(title: str) -> None:
+    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+
+
+# --------------------------------------------------------------------------- floor
+
+
+def floor_scenario(
+    mib: int = 1024, timeout: float = 600.0, kernel_args: Sequence[str] = ()
+) -> Scenario:
+    """The floor client is stdlib-only: ``-S`` skips site-packages (faster start)."""
+    sc = Scenario.pre_post(
+        "floor",
+        pre=python_argv("-S", "-m", "tests.vm.floor", "pre", "--mib", str(mib)),
+        post=python_argv("-S", "-m", "tests.vm.floor", "post"),
+        timeout=timeout,
+    )
+    return dataclasses.replace(sc, kernel_args=tuple(kernel_args))
+
+
+Row = tuple[str, SerialLine | None, Mark | None]
+
+
+def _first_after(
+    result: Result, pattern: str, after: float, before: float = float("inf")
+) -> SerialLine | None:
+    rx = re.compile(pattern)
+    for ln in result.serial:
+        if after <= ln.t < before and ln.source == "serial" and rx.search(ln.text):
+            return ln
+    return None
+
+
+def blackout_rows(result: Result) -> list[Row]:
+    """The timeline of the kexec, from host serial timestamps (boot 1 -> boot 2)."""
+
+    def mk(name: str, boot: int) -> Row:
+        m = result.mark(name, boot)
+        return (name, m.line if m else None, m)
+
+    rows: list[Row] = []
+    rows.append(_label("memfd filled (pre)", mk("floor.filled", 1)))
+    rows.append(_label("PRESERVE_FD done", mk("floor.preserved", 1)))
+    rows.append(_label("kexec_file_load start", mk("floor.kexec_load", 1)))
+    rows.append(_label("kexec_file_load done", mk("floor.kexec_loaded", 1)))
+    reboot = mk("floor.reboot", 1)
+    rows.append(_label("reboot(KEXEC) syscall", reboot))
+    t0 = reboot[1].t if reboot[1] else 0.0
+    new_banner = _first_after(result, r"Linux version \d", t0)
+    t_banner = new_banner.t if new_banner else float("inf")
+    last_old = None
+    for ln in result.serial:
+        if t0 <= ln.t < t_banner and ln.source == "serial":
+            if "Starting new kernel" in ln.text:
+                last_old = ln
+                break
+    first_new = None
+    if last_old is not None:
+        first_new = next(
+            (ln for ln in result.serial if ln.t > last_old.t and ln.source == "serial"),
+            None,
+        )
+    rows.append(("old kernel: 'Starting new kernel'", last_old, None))
+    rows.append(("new kernel: first console output", first_new, None))
+    rows.append(("new kernel: 'Linux version' banner", new_banner, None))
+    rows.append(
+        (
+            "new kernel: KHO found handover data",
+            _first_after(result, r"KHO: found", t0),
+            None,
+        )
+    )
+    # mm_core_init(): kho_memory_init() -> kho_mem_retrieve() runs between these
+    # two lines; it is the part of the kernel boot that grows with preserved size.
+    rows.append(
+        (
+            "new kernel: mm_core_init start",
+            _first_after(result, "mem auto-init:", t0),
+            None,
+        )
+    )
+    rows.append(
+        (
+            "new kernel: mm_core_init done (SLUB)",
+            _first_after(result, "SLUB: ", t0),
+            None,
+        )
+    )
+    rows.append(
+        (
+            "new kernel: luo retrieved (number N)",
+            _first_after(result, LU_NUMBER.pattern, t0),
+            None,
+        )
+    )
+    rows.append(
+        (
+            "new kernel: exec init",
+            _first_after(result, r"Run .* as init process", t0),
+            None,
+        )
+    )
+    rows.append(_label("init running (Python up)", mk("init.start", 2)))
+    rows.append(_label("post stage start", mk("floor.post_start", 2)))
+    rows.append(_label("/dev/liveupdate opened", mk("floor.opened", 2)))
+    rows.append(_label("RETRIEVE_SESSION done", mk("floor.session_retrieved", 2)))
+    rows.append(_label("memfd retrieved (RETRIEVE_FD)", mk("floor.retrieved", 2)))
+    rows.append(_label("SESSION_FINISH done", mk("floor.finished", 2)))
+    rows.append(_label("all bytes verified", mk("floor.verified", 2)))
+    return rows
+
+
+def _label(label: str, row: Row) -> Row:
+    return (label, row[1], row[2])
+
+
+def print_blackout(result: Result) -> dict[str, float]:
+    rows = blackout_rows(result)
+    reboot = next((ln for lbl, ln, _ in rows if lbl.startswith("reboot(")), None)
+    t0 = reboot.t if reboot else None
+    print(
+        f"{'event':38} {'host t':>9} {'Δ prev':>8} {'Δ reboot':>9} "
+        f"{'printk':>10} {'guest wall':>17}"
+    )
+    prev: float | None = None
+    for label, line, mark in rows:
+        if line is None:
+            print(f"{label:38} {'(not seen)':>9}")
+            continue
+        d_prev = f"{line.t - prev:+8.3f}" if prev is not None else " " * 8
+        d_reb = f"{line.t - t0:+9.3f}" if t0 is not None else ""
+        pk = PRINTK_TIME.match(line.text)
+        pk_s = f"{float(pk.group(1)):10.3f}" if pk else " " * 10
+        gw = f"{mark.guest_wall:17.3f}" if mark else ""
+        print(f"{label:38} {line.t:9.3f} {d_prev} {d_reb} {pk_s} {gw}")
+        prev = line.t
+
+    def at(prefix: str) -> float | None:
+        for lbl, ln, _ in rows:
+            if lbl.startswith(prefix) and ln is not None:
+                return ln.t
+        return None
+
+    summary: dict[str, float] = {}
+    spans = [
+        ("kexec shutdown (reboot → 'Starting new kernel')", "reboot(", "old kernel"),
+        (
+            "jump + decompress (→ first new-kernel output)",
+            "old kernel",
+            "new kernel: first",
+        ),
+        (
+            "kernel boot (first output → exec init)",
+            "new kernel: first",
+            "new kernel: exec",
+        ),
+        (
+            "  of which mm_core_init (KHO memory retrieve)",
+            "new kernel: mm_core_init start",
+            "new kernel: mm_core_init done",
+        ),
+        (
+            "init + Python start (exec init → post stage)",
+            "new kernel: exec",
+            "post stage",
+        ),
+        ("open + RETRIEVE_SESSION + RETRIEVE_FD", "post stage", "memfd retrieved"),
+        ("SESSION_FINISH", "memfd retrieved", "SESSION_FINISH"),
+        ("BLACKOUT reboot → memfd retrieved", "reboot(", "memfd retrieved"),
+        ("BLACKOUT reboot → FINISH", "reboot(", "SESSION_FINISH"),
+    ]
+    print()
+    for name, a, b in spans:
+        ta, tb = at(a), at(b)
+        if ta is not None and tb is not None:
+            summary[name] = tb - ta
+            print(f"  {name:52} {tb - ta:8.3f} s")
+    for boot in (1, 2):
+        offs = [m.clock_offset for m in result.marks() if m.boot == boot]
+        if offs:
+            print(
+                f"  guest clock offset, kernel {boot} (host wall - guest wall, "
+                f"median of {len(offs)} marks): {statistics.median(offs):+.3f} s"
+            )
+    return summary
+
+
+def _guest_durations(result: Result) -> None:
+    pre = result.read_json("floor-pre.json") or {}
+    post = result.read_json("floor-post.json") or {}
+    tp = pre.get("t") if isinstance(pre.get("t"), dict) else {}
+    tq = post.get("t") if isinstance(post.get("t"), dict) else {}
+    assert isinstance(tp, dict)
+    assert isinstance(tq, dict)
+    pairs = [
+        (tp, "pre_start", "filled", "fill memfd (pre)"),
+        (tp, "filled", "preserved", "PRESERVE_FD"),
+        (tp, "kexec_load", "kexec_loaded", "kexec_file_load"),
+        (tq, "post_start", "opened", "open /dev/liveupdate (post)"),
+        (tq, "opened", "session_retrieved", "RETRIEVE_SESSION"),
+        (tq, "session_retrieved", "retrieved", "RETRIEVE_FD"),
+        (tq, "retrieved", "finished", "SESSION_FINISH"),
+        (tq, "finished", "verified", "verify every byte"),
+    ]
+    print("guest-clock durations (same kernel, time.time() deltas):")
+    for d, a, b, label in pairs:
+        va, vb = d.get(a), d.get(b)
+        if isinstance(va, int | float) and isinstance(vb, int | float):
+            print(f"  {label:36} {vb - va:8.3f} s")
+
+
+def run_floor(kernel: Kernel, args: argparse.Namespace) -> list[str]:
+    scenario = floor_scenario(args.mib, args.timeout, args.kernel_arg)
+    result = run_scenario(scenario, kernel, echo=not args.quiet, accel=args.accel)
+    failures = list(result.failures())
+
+    _section("floor: kernel LUO/KHO lines")
+    for ln in result.kernel_lines(LUO_LINES):
+        print(ln)
+    numbers = [
+        int(m.group(1)) for ln in result.serial if (m := LU_NUMBER.search(ln.text))
+    ]
+    if not numbers:
+        failures.append("no 'liveupdate number: N' line in the new kernel's log")
+
+    _section("floor: verification")
+    post = result.read_json("floor-post.json")
+    if post is None:
+        failures.append("no floor-post.json: the post stage did not report")
+        print("no result from the post stage")
+    else:
+        print(
+            f"memfd size {post.get('size')} bytes "
+            f"(expected {post.get('expected_size')}), "
+            f"{post.get('mismatched_bytes')} mismatched bytes in "
+            f"{post.get('mismatched_pages')} pages -> "
+            + ("OK, byte-for-byte identical" if post.get("ok") else "FAIL")
+        )
+        if not post.get("ok"):
+            failures.append("memfd contents differ after the kexec")
+
+    _section(f"floor: blackout breakdown ({result.accel}, {args.mib} MiB memfd)")
+    print_blackout(result)
+    print()
+    _guest_durations(result)
+
+    _section("floor: summary")
+    print(f"kernel      {kernel.key} ({kernel.bzimage})")
+    print(f"accel       {result.accel}")
+    print(f"out dir     {result.out_dir}")
+    print(f"qemu        exit {result.qemu_returncode}, {result.elapsed:.1f} s wall")
+    print(f"boots       {result.boots()}; liveupdate number(s): {numbers}")
+    for name, st in result.statuses.items():
+        print(f"stage {name:5} rc={st.rc} (boot {st.boot})")
+    return failures
+
+
+SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
+    "floor": run_floor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.vm.e2e", description=__doc__)
+    p.add_argument("scenarios", nargs="*", help=f"of {sorted(SCENARIOS)}; default: all")
+    p.add_argument("--mib", type=int, default=1024, help="floor memfd size (MiB)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per QEMU run (s)")
+    p.add_argument("--accel", choices=["tcg", "kvm"], default=None)
+    p.add_argument(
+        "--kernel-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra kernel parameter for every kernel (repeatable)",
+    )
+    p.add_argument("--refresh-kernel", action="store_true", help="check sid")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo serial")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}")
+
+    t0 = time.monotonic()
+    _section("kernel")
+    try:
+        kernel = ensure_kernel(refresh=args.refresh_kernel)
+    except KernelBuildError as e:
+        print(f"ERROR: {e}", flush=True)
+        return 2
+    if kernel.build_seconds is not None:
+        print(
+            f"build time: {kernel.build_seconds:.0f} s "
+            f"({'built now' if kernel.built else 'cached build'})"
+        )
+
+    failed: dict[str, list[str]] = {}
+    for name in args.scenarios or list(SCENARIOS):
+        _section(f"scenario {name}")
+        errs = SCENARIOS[name](kernel, args)
+        if errs:
+            failed[name] = errs
+
+    _section("result")
+    for name in args.scenarios or list(SCENARIOS):
+        errs = failed.get(name, [])
+        print(f"{name:10} {'PASS' if not errs else 'FAIL'}")
+        for err in errs:
+            print(f"    - {err}")
+    print(f"total {time.monotonic() - t0:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Host-only checks of the VM harness plumbing (no kernel, no QEMU boot)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from tests.vm import floor, harness, kernel
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def _scenario() -> harness.Scenario:
+    return harness.Scenario.pre_post(
+        "unit",
+        pre=harness.python_argv("-m", "tests.vm.floor", "pre"),
+        post=harness.python_argv("-m", "tests.vm.floor", "post"),
+    )
+
+
+def test_fragment_has_the_luo_options() -> None:
+    opts = kernel.required_options()
+    for needed in (
+        "CONFIG_KEXEC_FILE=y",
+        "CONFIG_RELOCATABLE=y",
+        "CONFIG_KEXEC_HANDOVER=y",
+        "CONFIG_LIVEUPDATE=y",
+        "CONFIG_LIVEUPDATE_MEMFD=y",
+        "CONFIG_9P_FS=y",
+    ):
+        assert needed in opts
+
+
+def test_missing_options_lists_what_olddefconfig_dropped(tmp_path: Path) -> None:
+    frag = tmp_path / "frag.config"
+    frag.write_text("# c\nCONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n")
+    cfg = tmp_path / ".config"
+    cfg.write_text("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=y\n")
+    assert kernel.missing_options(cfg, frag) == ["CONFIG_B=y", "CONFIG_C=n"]
+
+
+def test_cmdlines_chain_stages_and_fit() -> None:
+    sc = _scenario()
+    pre = harness.kernel_cmdline(sc, "pre")
+    post = harness.kernel_cmdline(sc, "post")
+    assert "luovm.stage=pre" in pre
+    assert "luovm.stage=post" in post
+    assert "liveupdate=on" in post
+    assert post.split(" -- ")[1] == f"-S {harness.GUEST_INIT}"
+    assert len(post) < 2048
+
+
+def test_qemu_argv_shares_root_read_only(tmp_path: Path) -> None:
+    k = kernel.Kernel(tmp_path / "bzImage", tmp_path / "config", "x", "x")
+    argv = harness.qemu_argv(_scenario(), k, tmp_path, "tcg")
+    joined = " ".join(argv)
+    assert "path=/,security_model=none,readonly=on" in joined
+    assert f"path={tmp_path},security_model=none" in joined
+    assert "-no-reboot" in argv
+
+
+def test_floor_pattern_is_unique_per_page() -> None:
+    a, b = floor.expected_chunk(0), floor.expected_chunk(1)
+    assert len(a) == floor.CHUNK
+    assert a != b
+    assert struct.unpack_from("<Q", b, floor.PAGE)[0] == floor.PAGES_PER_CHUNK + 1
+    bad = bytearray(a)
+    bad[5000] ^= 0xFF
+    assert floor._mismatches(bad, a) == (1, 1)
+
+
+def test_serial_reader_stamps_lines() -> None:
+    code = "import time;print('a\\r');time.sleep(0.3);print('b',end='')"
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        start = time.monotonic()
+        lines = [
+            ln for ln in harness._read_lines(proc, start, start + 30) if ln is not None
+        ]
+    assert [ln.text for ln in lines] == ["a", "b"]
+    assert lines[1].t - lines[0].t >= 0.25
