@@ -14,7 +14,13 @@ from ._errors import InvalidArgumentError, OrchestratorError
 if TYPE_CHECKING:
     from ._context import RunContext, StepContext
     from ._engine import Engine, Outcome, plugin_manager
-    from ._errors import PhaseError, PhaseTimeoutError, PlaybookError, TransientError
+    from ._errors import (
+        PhaseError,
+        PhaseTimeoutError,
+        PlaybookError,
+        PluginError,
+        TransientError,
+    )
     from ._hookspecs import hookimpl, hookspec
     from ._phases import Phase, State
     from ._playbook import Playbook, Step, load_playbook
@@ -29,6 +35,7 @@ __all__ = [
     "PhaseTimeoutError",
     "Playbook",
     "PlaybookError",
+    "PluginError",
     "RunContext",
     "State",
     "Step",
@@ -53,6 +60,7 @@ _LAZY = {
     "Phase": "._phases",
     "State": "._phases",
     "PlaybookError": "._errors",
+    "PluginError": "._errors",
     "PhaseError": "._errors",
     "PhaseTimeoutError": "._errors",
     "TransientError": "._errors",

@@ -25,7 +25,7 @@ import anyio.to_thread
 import pluggy
 
 from ._context import RunContext, StepContext
-from ._errors import PhaseError, PhaseTimeoutError
+from ._errors import PhaseError, PhaseTimeoutError, PluginError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
 from ._journal import Journal, last_run, read_journal
 from ._phases import Phase, State
@@ -69,11 +69,17 @@ def plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PhaseSpecs)
-    for plugin in BUILTINS():
-        pm.register(plugin, name=getattr(plugin, "name", None))
-    if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    pm.check_pending()
+    try:
+        for plugin in BUILTINS():
+            pm.register(plugin, name=getattr(plugin, "name", None))
+        if load_entry_points:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        known = ", ".join(f"lu_{p.value}" for p in Phase if p.configurable)
+        raise PluginError(
+            str(exc.plugin), f"{exc} (hooks are {known} and their _rollback)"
+        ) from exc
     return pm
 
 

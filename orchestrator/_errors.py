@@ -10,6 +10,7 @@
      ├── PlaybookError (ValueError)             a playbook is malformed (file:line)
      ├── PhaseError                             a phase failed; the update was cancelled
      │    └── PhaseTimeoutError (TimeoutError)
+     ├── PluginError                            a plugin cannot be loaded (misspelt hook)
      └── JournalError                           the journal is unreadable or locked
 
 Each class builds its message from its fields, so ``str(exc)`` always says what
@@ -61,3 +62,13 @@ class PhaseError(OrchestratorError):
 
 class PhaseTimeoutError(PhaseError, TimeoutError):
     """A step, a phase, or the blackout budget ran out of time."""
+
+
+class PluginError(OrchestratorError):
+    """A plugin cannot be loaded or registered (e.g. it implements a hook that
+    does not exist: a misspelt ``lu_<phase>``)."""
+
+    def __init__(self, plugin: str, problem: str) -> None:
+        self.plugin = plugin
+        self.problem = problem
+        super().__init__(f"plugin {plugin}: {problem}")
