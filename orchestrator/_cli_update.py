@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 
     from ._playbook import Playbook
     from ._preserve import Retriever
+    from ._resume import Plan
     from .luo import Kernel
 
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
-PREFETCHED: Retriever | None = None
+PREFETCHED: tuple[Plan, Retriever] | None = None
 """Sessions ``orchestrator._resume`` retrieved before the CLI was even parsed."""
 
 

@@ -27,9 +27,10 @@ import pluggy
 from ._context import RunContext, StepContext
 from ._errors import PhaseError, PhaseTimeoutError, PluginError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
-from ._journal import Journal, last_run, read_journal
+from ._journal import Journal, JournalError, last_run, read_journal
 from ._phases import Phase, State
 from ._preserve import Retriever, open_preserver
+from ._resume import Plan, remove_plan, write_plan
 from ._retry import retrying
 from .luo import KexecError
 
@@ -313,6 +314,7 @@ class Engine:
                 with anyio.move_on_after(ROLLBACK_BUDGET, shield=True):
                     ok = await self._rollback(run, done)
                 self._state(State.NORMAL if ok else State.FAILED)
+                remove_plan(self.state_dir)
                 outcome = Outcome.CANCELLED if ok else Outcome.FAILED
                 self._log("run_end", outcome=outcome.value, error=error)
                 if not isinstance(exc, Exception):
@@ -327,6 +329,22 @@ class Engine:
         await self._run_phase(run, Phase.PRESERVE, done)
         await self._run_phase(run, Phase.PREPARE, done)
         await anyio.to_thread.run_sync(run.preserver.prepare)
+        sessions = sorted(
+            {
+                e["session"]
+                for m in run.manifest.values()
+                for e in m.values()
+                if "session" in e
+            }
+        )
+        plan = Plan(
+            run.run_id,
+            self.journal.boot_id,
+            self.kernel.spec,
+            run.preserver.abi,
+            sessions,
+        )
+        write_plan(self.state_dir, plan)  # for the restore path: no JSON to parse
         await anyio.to_thread.run_sync(os.sync)  # outside the blackout
         self._state(State.PREPARED)
         self._log("blackout_start")
@@ -378,13 +396,26 @@ class Engine:
 
     # --- after a crash or a kexec -------------------------------------------------
 
-    async def resume(self, retriever: Retriever | None = None) -> Outcome:
+    async def resume(self, prefetched: tuple[Plan, Retriever] | None = None) -> Outcome:
         """Continue the last run: restore and finish in a new kernel, or cancel
-        when the orchestrator died before the kexec."""
+        when the orchestrator died before the kexec.
+
+        :param prefetched: the sessions ``orchestrator._resume`` retrieved from
+            the restore plan before anything heavy was imported.
+        """
         with self.journal.locked("resume"):
             records = last_run(read_journal(self.state_dir))
             run, done, _state, kexec = _replay(records, self._new_run())
+            retriever = None
+            if prefetched is not None:
+                plan, retriever = prefetched
+                if plan.run_id != run.run_id:
+                    raise JournalError(
+                        f"the restore plan is for run {plan.run_id}, the journal's "
+                        f"last run is {run.run_id}: not resuming a run I cannot verify"
+                    )
             if not records or any(r["event"] == "run_end" for r in records):
+                remove_plan(self.state_dir)
                 return Outcome.NOTHING
             if kexec is not None and kexec["boot_id"] != self.journal.boot_id:
                 return await self._restore(run, records, retriever)
@@ -398,6 +429,7 @@ class Engine:
             with anyio.move_on_after(ROLLBACK_BUDGET, shield=True):
                 ok = await self._rollback(run, done)
             self._state(State.NORMAL if ok else State.FAILED)
+            remove_plan(self.state_dir)
             outcome = Outcome.CANCELLED if ok else Outcome.FAILED
             self._log(
                 "run_end",
@@ -433,10 +465,12 @@ class Engine:
             await anyio.to_thread.run_sync(retriever.finish)
             self._log("kernel_finish")
         except Exception as exc:  # noqa: BLE001  (after the kexec: journaled as FAILED)
+            remove_plan(self.state_dir)
             self._state(State.FAILED)
             self._log("run_end", outcome=Outcome.FAILED.value, error=_describe(exc))
             return Outcome.FAILED
         self._state(State.NORMAL)
+        remove_plan(self.state_dir)
         self._log("run_end", outcome=Outcome.COMPLETED.value)
         return Outcome.COMPLETED
 

@@ -13,12 +13,12 @@ import os
 
 from orchestrator._compat import TYPE_CHECKING, Protocol
 
-from .luo import LiveUpdateDevice, RfcDevice, RfcState, Session
+from .luo._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
     from typing import Any
 
-    from .luo import Kernel, OwnedFd
+    from .luo import Kernel, OwnedFd, RfcDevice, Session
 
 SESSION_PREFIX = "lu-"
 
@@ -92,6 +92,8 @@ class RfcPreserver:
     abi = "rfc"
 
     def __init__(self, kernel: Kernel) -> None:
+        from .luo._rfc import RfcDevice
+
         self.kernel = kernel
         self.dev = RfcDevice.open(kernel)
         self.tokens: list[int] = []
@@ -106,6 +108,8 @@ class RfcPreserver:
         self.dev.prepare()
 
     def cancel(self) -> None:
+        from .luo._rfcstate import RfcState
+
         if self.dev.state() in (RfcState.PREPARED, RfcState.FROZEN):
             self.dev.cancel()
         for token in self.tokens:
@@ -135,6 +139,8 @@ class Retriever:
     def open_sessions(self, names: list[str]) -> None:
         """Retrieve every session of the manifest (the restore path's first kernel call)."""
         if self.abi == "rfc":
+            from .luo._rfc import RfcDevice
+
             self._rfc = RfcDevice.open(self.kernel)
             return
         self._dev = LiveUpdateDevice.open(self.kernel)

@@ -1,11 +1,14 @@
 """The first thing ``liveupdate resume`` does after a kexec: take the sessions back.
 
-This runs inside the blackout window, so it imports only the standard library,
-the journal reader and the kernel layer -- no anyio, pluggy, tenacity or YAML.
-It reads the journal, decides whether this boot came through the run's kexec,
-and if so retrieves every session of the run's manifest: the restore path's
-first kernel call. The engine (imported afterwards) then restores workloads
-with the retrieved sessions.
+This runs inside the blackout window, so it imports only ``os`` and the kernel
+layer -- not even ``json``, ``typing`` or ``enum``, let alone anyio, pluggy,
+tenacity or YAML. Before the blackout the engine writes a *restore plan* next
+to the journal (``STATE_DIR/restore-plan``, a few ``key value`` lines: the
+run, the boot it was written in, the kernel, the ABI, the sessions); after the
+kexec :func:`prefetch` reads it, checks that this is a new boot, and
+retrieves every session: the restore path's first kernel call. The engine,
+imported afterwards, checks the plan against the journal (the source of
+truth) and restores the workloads with the retrieved sessions.
 
 Set ``LIVEUPDATE_EXIT_AFTER=first-kernel-call`` to exit right after that call:
 ``bench/resume_cold_start.py`` measures the cold start with it.
@@ -17,12 +20,84 @@ import os
 
 from orchestrator._compat import TYPE_CHECKING
 
-from ._journal import last_run, read_journal
-from ._preserve import Retriever
-from .luo import kernel_from_spec
-
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from ._preserve import Retriever
+
+PLAN_FILE = "restore-plan"
+PLAN_MAGIC = "liveupdate-restore-plan 1"
+
+
+class Plan:
+    """What the engine wrote before the kexec for the restore path to read."""
+
+    __slots__ = ("abi", "boot_id", "kernel", "run_id", "sessions")
+
+    def __init__(
+        self, run_id: str, boot_id: str, kernel: str, abi: str, sessions: list[str]
+    ) -> None:
+        self.run_id = run_id
+        self.boot_id = boot_id
+        self.kernel = kernel
+        self.abi = abi
+        self.sessions = sessions
+
+    def dump(self) -> str:
+        lines = [PLAN_MAGIC, f"run {self.run_id}", f"boot {self.boot_id}"]
+        lines += [f"kernel {self.kernel}", f"abi {self.abi}"]
+        lines += [f"session {name}" for name in self.sessions]
+        return "\n".join(lines) + "\n"
+
+
+def write_plan(state_dir: str | os.PathLike[str], plan: Plan) -> None:
+    """Write the plan atomically and durably (temp file, fsync, rename, fsync dir)."""
+    path = os.path.join(state_dir, PLAN_FILE)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, plan.dump().encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_plan(state_dir: str | os.PathLike[str]) -> Plan | None:
+    """The plan in *state_dir*, or None when there is none or it is not one."""
+    try:
+        with open(os.path.join(state_dir, PLAN_FILE)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    if not lines or lines[0] != PLAN_MAGIC:
+        return None
+    fields: dict[str, str] = {}
+    sessions = []
+    for line in lines[1:]:
+        key, _, value = line.partition(" ")
+        if key == "session":
+            sessions.append(value)
+        else:
+            fields[key] = value
+    try:
+        return Plan(
+            fields["run"], fields["boot"], fields["kernel"], fields["abi"], sessions
+        )
+    except KeyError:
+        return None
+
+
+def remove_plan(state_dir: str | os.PathLike[str]) -> None:
+    try:
+        os.unlink(os.path.join(state_dir, PLAN_FILE))
+    except FileNotFoundError:
+        pass
 
 
 def _option(argv: Sequence[str], name: str) -> str | None:
@@ -34,33 +109,28 @@ def _option(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
-def prefetch(argv: Sequence[str]) -> Retriever | None:
-    """Retrieve the sessions of an interrupted run if this boot came through its
-    kexec; ``None`` when there is nothing to retrieve or not enough to go on
-    (no ``--state-dir``: the playbook must be read first, on the slow path)."""
+def prefetch(argv: Sequence[str]) -> tuple[Plan, Retriever] | None:
+    """Retrieve the planned sessions if this boot came through the plan's kexec.
+
+    ``None`` when there is no plan (nothing to do, or not enough to go on: no
+    ``--state-dir``, so the playbook must be read first, on the slow path), or
+    when this is still the boot that wrote it (a cancel: not time-critical).
+    """
     state_dir = _option(argv, "--state-dir")
     if state_dir is None:
         return None
-    records = last_run(read_journal(state_dir))
-    if not records or any(r["event"] == "run_end" for r in records):
+    plan = read_plan(state_dir)
+    if plan is None:
         return None
-    kexec = next((r for r in reversed(records) if r["event"] == "kexec"), None)
-    spec = _option(argv, "--kernel") or records[0].get("kernel")
-    kernel = kernel_from_spec(spec)
-    if kexec is None or kexec["boot_id"] == kernel.boot_id():
-        return None  # still the old kernel: a cancel, not time-critical
-    abi = next((r["abi"] for r in records if r["event"] == "abi"), "merged")
-    names = sorted(
-        {
-            entry["session"]
-            for r in records
-            if r["event"] == "step_end" and r.get("ok")
-            for entry in (r.get("manifest") or {}).values()
-            if "session" in entry
-        }
-    )
-    retriever = Retriever(kernel, abi)
-    retriever.open_sessions(names)
+    from .luo._kernel import kernel_from_spec
+
+    kernel = kernel_from_spec(_option(argv, "--kernel") or plan.kernel)
+    if plan.boot_id == kernel.boot_id():
+        return None
+    from ._preserve import Retriever
+
+    retriever = Retriever(kernel, plan.abi)
+    retriever.open_sessions(plan.sessions)
     if os.environ.get("LIVEUPDATE_EXIT_AFTER") == "first-kernel-call":
         os._exit(0)
-    return retriever
+    return plan, retriever

@@ -222,13 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import _resume
 
         try:
-            retriever = _resume.prefetch(argv[1:])
+            prefetched = _resume.prefetch(argv[1:])
         except OrchestratorError as exc:
             print(f"liveupdate: {exc}", file=sys.stderr)
             return EXIT_FAILED
         from . import _cli_update
 
-        _cli_update.PREFETCHED = retriever
+        _cli_update.PREFETCHED = prefetched
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

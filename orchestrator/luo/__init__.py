@@ -7,28 +7,32 @@ the standard library.
 
 from __future__ import annotations
 
-from ._abi import RfcState
-from ._errors import (
-    AbiError,
-    DeviceBusyError,
-    DeviceUnavailableError,
-    FileAlreadyPreservedError,
-    KernelError,
-    KexecError,
-    SessionAlreadyRetrievedError,
-    SessionExistsError,
-    SessionFullError,
-    SessionNotFoundError,
-    SessionStateError,
-    StateError,
-    TokenExistsError,
-    TokenNotFoundError,
-    UnsupportedFileError,
-)
-from ._fds import OwnedFd, describe_fd
-from ._kernel import DEVICE_PATH, KERNEL_ENV, Kernel, RealKernel, kernel_from_spec
-from ._rfc import RfcDevice
-from ._session import MAX_NAME_BYTES, LiveUpdateDevice, Session
+from orchestrator._compat import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._errors import (
+        AbiError,
+        DeviceBusyError,
+        DeviceUnavailableError,
+        FileAlreadyPreservedError,
+        KernelError,
+        KexecError,
+        SessionAlreadyRetrievedError,
+        SessionExistsError,
+        SessionFullError,
+        SessionNotFoundError,
+        SessionStateError,
+        StateError,
+        TokenExistsError,
+        TokenNotFoundError,
+        UnsupportedFileError,
+    )
+    from ._fds import OwnedFd, describe_fd
+    from ._kernel import DEVICE_PATH, KERNEL_ENV, Kernel, RealKernel, kernel_from_spec
+    from ._rfc import RfcDevice
+    from ._rfcstate import RfcState
+    from ._session import MAX_NAME_BYTES, LiveUpdateDevice, Session
+
 
 __all__ = [
     "DEVICE_PATH",
@@ -59,3 +63,35 @@ __all__ = [
     "describe_fd",
     "kernel_from_spec",
 ]
+
+# Loaded on first use (PEP 562): the restore path imports only what it touches
+# (no enum, no RFC client, no kexec or probe machinery).
+_WHERE = {
+    "RfcState": "._rfcstate",
+    "RfcDevice": "._rfc",
+    "OwnedFd": "._fds",
+    "describe_fd": "._fds",
+    "DEVICE_PATH": "._kernel",
+    "KERNEL_ENV": "._kernel",
+    "Kernel": "._kernel",
+    "RealKernel": "._kernel",
+    "kernel_from_spec": "._kernel",
+    "MAX_NAME_BYTES": "._session",
+    "LiveUpdateDevice": "._session",
+    "Session": "._session",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name, "._errors" if name in __all__ else None)
+    if module is None:
+        raise AttributeError(f"module 'orchestrator.luo' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

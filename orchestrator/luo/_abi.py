@@ -16,7 +16,6 @@ the part it knows with E2BIG.
 
 from __future__ import annotations
 
-import enum
 import struct
 
 from orchestrator._compat import TYPE_CHECKING, final
@@ -193,8 +192,9 @@ class Request:
         return f"<Request {self.name} {self.number:#x}>"
 
 
-class MergedNr(enum.IntEnum):
-    """``enum`` of command numbers in the merged uapi header."""
+class MergedNr:
+    """Command numbers of the merged uapi header (plain ints: no ``enum``
+    import on the restore path)."""
 
     CREATE_SESSION = 0x00
     RETRIEVE_SESSION = 0x01
@@ -204,16 +204,17 @@ class MergedNr(enum.IntEnum):
     SESSION_GET_NAME = 0x43
 
 
-def _merged(nr: MergedNr, layout: Layout) -> Request:
-    return Request(nr.name, io(LIVEUPDATE_IOCTL_TYPE, nr), layout)
+def _merged(name: str, layout: Layout) -> Request:
+    nr: int = getattr(MergedNr, name)
+    return Request(name, io(LIVEUPDATE_IOCTL_TYPE, nr), layout)
 
 
-CREATE_SESSION: Final = _merged(MergedNr.CREATE_SESSION, SESSION_CREATE)
-RETRIEVE_SESSION: Final = _merged(MergedNr.RETRIEVE_SESSION, SESSION_RETRIEVE)
-PRESERVE_FD: Final = _merged(MergedNr.SESSION_PRESERVE_FD, SESSION_PRESERVE_FD)
-RETRIEVE_FD: Final = _merged(MergedNr.SESSION_RETRIEVE_FD, SESSION_RETRIEVE_FD)
-FINISH: Final = _merged(MergedNr.SESSION_FINISH, SESSION_FINISH)
-GET_NAME: Final = _merged(MergedNr.SESSION_GET_NAME, SESSION_GET_NAME)
+CREATE_SESSION: Final = _merged("CREATE_SESSION", SESSION_CREATE)
+RETRIEVE_SESSION: Final = _merged("RETRIEVE_SESSION", SESSION_RETRIEVE)
+PRESERVE_FD: Final = _merged("SESSION_PRESERVE_FD", SESSION_PRESERVE_FD)
+RETRIEVE_FD: Final = _merged("SESSION_RETRIEVE_FD", SESSION_RETRIEVE_FD)
+FINISH: Final = _merged("SESSION_FINISH", SESSION_FINISH)
+GET_NAME: Final = _merged("SESSION_GET_NAME", SESSION_GET_NAME)
 
 MERGED_REQUESTS: Final = (
     CREATE_SESSION,
@@ -234,16 +235,6 @@ RFC_FD = Layout(
 )
 RFC_TOKEN = Layout("__u64", ("token", "__u64"))
 RFC_STATE = Layout("liveupdate_state", ("state", "__u32"))
-
-
-class RfcState(enum.IntEnum):
-    """``enum liveupdate_state`` of the RFC series."""
-
-    UNDEFINED = 0  # LUO has not initialised yet.
-    NORMAL = 1  # boot, CANCEL and FINISH lead here: no update in progress.
-    PREPARED = 2  # PREPARE succeeded; the kexec may follow.
-    FROZEN = 3  # the reboot syscall sent the FREEZE event (blackout).
-    UPDATED = 4  # booted through a live update; FINISH not yet called.
 
 
 RFC_FD_PRESERVE: Final = Request(

@@ -21,6 +21,7 @@ from ._errors import DeviceBusyError, KernelError, kernel_error
 from ._fds import OwnedFd
 from ._kernel import Kernel, kernel_from_spec
 from ._rfc import RfcDevice
+from ._rfcstate import RfcState
 from ._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> Prob
     else:
         abi, rfc_state = (
             "rfc",
-            _abi.RfcState(int(_abi.RFC_STATE.unpack(buf)["state"])).name,
+            RfcState(int(_abi.RFC_STATE.unpack(buf)["state"])).name,
         )
     kinds: tuple[KindResult, ...] = ()
     if abi == "merged":

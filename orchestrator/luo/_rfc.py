@@ -17,10 +17,10 @@ import errno as E
 from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
-from ._abi import RfcState
 from ._errors import kernel_error
 from ._fds import OwnedFd, describe_fd
 from ._kernel import Kernel, kernel_from_spec
+from ._rfcstate import RfcState
 from ._session import HasFileno, check_fd, check_token
 
 if TYPE_CHECKING:

@@ -53,9 +53,9 @@ from pathlib import Path
 from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
-from ._abi import RfcState
 from ._fds import fd_target
 from ._ioc import ioc_nr, ioc_type
+from ._rfcstate import RfcState
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence

@@ -270,7 +270,7 @@ def test_resume_retrieves_sessions_before_heavy_imports(host: Host) -> None:
         "from orchestrator import _resume\n"
         f"r = _resume.prefetch(['--state-dir', {str(host.state)!r}])\n"
         "heavy = {'anyio', 'pluggy', 'tenacity', 'yaml', 'prometheus_client', 'httpx'}\n"
-        "print(sorted(r.sessions), sorted(heavy & set(sys.modules)))\n"
+        "print(sorted(r[1].sessions), sorted(heavy & set(sys.modules)))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe],

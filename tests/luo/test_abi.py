@@ -17,6 +17,7 @@ from orchestrator.luo._ioc import (
     iow,
     iowr,
 )
+from orchestrator.luo._rfcstate import RfcState
 
 # From shared/reference/luo-uapi.md, typed in by hand on purpose.
 MERGED_NUMBERS = {
@@ -70,7 +71,7 @@ def test_struct_sizes_and_offsets(key: str) -> None:
 
 
 def test_rfc_states() -> None:
-    assert [(s.name, int(s)) for s in _abi.RfcState] == [
+    assert [(s.name, int(s)) for s in RfcState] == [
         ("UNDEFINED", 0),
         ("NORMAL", 1),
         ("PREPARED", 2),
