@@ -64,14 +64,17 @@ class Reporter(Protocol):
     def __call__(self, rec: dict[str, Any]) -> None: ...
 
 
-def plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A plugin manager with the built-in plugins and the installed third-party ones."""
+def plugin_manager(
+    load_entry_points: bool = True, extra: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """A plugin manager with the built-in plugins, *extra* ones (each with a
+    ``name``) and the installed third-party ones."""
     from plugins import BUILTINS
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PhaseSpecs)
     try:
-        for plugin in BUILTINS():
+        for plugin in [*BUILTINS(), *extra]:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sim)
 
     _add_update_commands(sub)
+    from ._cli_agent import add_agent_commands
+
+    add_agent_commands(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -111,3 +112,29 @@ def describe_fd(fd: int) -> str:
             return f"an unlinked file ({target})"
         return f"a regular file ({target})"
     return f"a file ({target or 'unknown'})"
+
+
+def shmem_can_preserve(fd: int) -> bool:
+    """Whether the 7.2 kernel's memfd handler takes *fd*: ``memfd_luo_can_preserve()``
+    accepts an unlinked shmem file (a memfd, an O_TMPFILE on tmpfs), not hugetlb.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
+        return False
+    target = fd_target(fd)
+    if target.startswith("/memfd:"):
+        return st.st_blksize <= 65536  # hugetlbfs reports the huge page size
+    return _fs_type(target.removesuffix(" (deleted)")) == "tmpfs"
+
+
+def _fs_type(path: str) -> str:
+    best, kind = "", ""
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            parts = line.split()
+            mnt = parts[1]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(
+                mnt
+            ) > len(best):
+                best, kind = mnt, parts[2]
+    return kind

@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from pathlib import Path
 from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
-from ._fds import fd_target
+from ._fds import shmem_can_preserve
 from ._ioc import ioc_nr, ioc_type
 from ._rfcstate import RfcState
 
@@ -99,30 +98,6 @@ def _start_time(pid: int) -> str | None:
 def _fdinfo(pid: int, fd: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
-
-
-def _is_preservable(fd: int) -> bool:
-    """What memfd_luo's handler accepts: an unlinked shmem file, not hugetlb."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
-        return False
-    target = fd_target(fd)
-    if target.startswith("/memfd:"):
-        return st.st_blksize <= 65536  # hugetlbfs reports the huge page size
-    return _fs_type(target.removesuffix(" (deleted)")) == "tmpfs"
-
-
-def _fs_type(path: str) -> str:
-    best, kind = "", ""
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            mnt = parts[1]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(
-                mnt
-            ) > len(best):
-                best, kind = mnt, parts[2]
-    return kind
 
 
 # Plain classes rather than dataclasses: the simulator is imported on the
@@ -492,7 +467,7 @@ class SimKernel:
             st = os.fstat(fd)
         except OSError:
             raise _err(E.EBADF) from None
-        if not _is_preservable(fd):
+        if not shmem_can_preserve(fd):
             raise _err(E.ENOENT)
         inode = [st.st_dev, st.st_ino]
         for _, other in self._live_files():
@@ -562,7 +537,7 @@ class SimKernel:
                 raise _err(E.EBADF) from None
             if str(token) in rfc["files"]:
                 raise _err(E.EEXIST)
-            if not _is_preservable(fd):
+            if not shmem_can_preserve(fd):
                 raise _err(E.ENOENT)
             dup = os.dup(fd)
             self._rfc_dups[token] = dup
