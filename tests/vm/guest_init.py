@@ -34,6 +34,7 @@ RB_AUTOBOOT = 0x01234567
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
+MS_BIND = 0x1000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -75,8 +76,22 @@ def setup_mounts(out_tag: str) -> None:
         mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
     mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "ptmxmode=0666")
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    # A writable /tmp must not hide a checkout that lives under the host's /tmp
+    # (CI clones into a temporary directory): keep the host's /tmp reachable
+    # and bind this checkout back into place on top of the tmpfs.
+    checkout = os.path.dirname(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
+    under_tmp = checkout.startswith("/tmp/")
+    if under_tmp:
+        os.makedirs("/run/host-tmp")
+        mount("/tmp", "/run/host-tmp", "", MS_BIND)
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if under_tmp:
+        top = "/" + "/".join(checkout.split("/")[1:3])  # /tmp/<dir>
+        os.makedirs(top)
+        mount("/run/host-tmp" + top[len("/tmp") :], top, "", MS_BIND)
     mount(
         out_tag,
         OUT_MOUNT,
