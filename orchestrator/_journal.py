@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 class JournalError(OrchestratorError):
     """The journal cannot be read or written, or another orchestrator holds it."""
 
@@ -105,7 +108,7 @@ class Journal:
             "boot_id": self.boot_id,
             **fields,
         }
-        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        line = (_ENCODE(record) + "\n").encode()
         os.write(self._fd, line)
         if durable:
             os.fdatasync(self._fd)
