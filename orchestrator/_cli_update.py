@@ -136,8 +136,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _finish_message(outcome: Any, state: Path) -> int:
+    """Print the outcome, then export metrics if configured -- after the engine
+    has finished, never inside the blackout window."""
+    from ._cli_metrics import export_after_update
     from ._engine import Outcome
     from ._status import summarize
+
+    export_after_update(state)
 
     status = summarize(state)
     print(status.render())

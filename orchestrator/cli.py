@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ._cli_agent import add_agent_commands
 
     add_agent_commands(sub)
+    from ._cli_metrics import add_metrics_commands
+
+    add_metrics_commands(sub)
     return parser
 
 

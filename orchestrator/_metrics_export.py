@@ -1,0 +1,240 @@
+"""Getting the metrics to Prometheus: textfile, Pushgateway, HTTP endpoint.
+
+- :func:`write_textfile` -- for node-exporter's textfile collector: the last
+  run's metrics, written atomically (a temporary file in the same directory,
+  fsync'd, renamed over the target; no timestamps);
+- :func:`push` -- to a Pushgateway, grouping key ``job=liveupdate,
+  instance=<hostname>``: each run replaces the host's group (PUT);
+- :func:`serve_metrics` -- ``/metrics`` of a long-running process, read
+  from the whole journal at each scrape (when it changed).
+
+:func:`export_from_env` runs the first two after ``liveupdate run`` or
+``resume`` has finished (``LIVEUPDATE_TEXTFILE``, ``LIVEUPDATE_PUSHGATEWAY``):
+never inside the blackout, and this stack is never imported on the restore
+path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from prometheus_client import generate_latest
+from prometheus_client.exposition import push_to_gateway
+from prometheus_client.registry import CollectorRegistry
+
+from ._errors import OrchestratorError
+from ._metrics import register_metrics
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+JOB = "liveupdate"
+DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/liveupdate.prom"
+DEFAULT_LISTEN = "127.0.0.1:9731"
+PUSH_TIMEOUT = 10.0
+ENV_TEXTFILE = "LIVEUPDATE_TEXTFILE"
+ENV_PUSHGATEWAY = "LIVEUPDATE_PUSHGATEWAY"
+_MAX_REQUEST = 16384
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The text format ``generate_latest`` writes, named as every Prometheus 2.x
+knows it (newer prometheus_client names it ``version=1.0.0``)."""
+
+
+class MetricsExportError(OrchestratorError):
+    """The metrics could not be written, pushed or served."""
+
+    def __init__(self, target: str, problem: str) -> None:
+        self.target = target
+        self.problem = problem
+        super().__init__(f"metrics to {target}: {problem}")
+
+
+@contextlib.contextmanager
+def _translated(target: str) -> Iterator[None]:
+    """The boundary: OS and network errors become :class:`MetricsExportError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise MetricsExportError(target, f"{type(exc).__name__}: {exc}") from exc
+
+
+def last_run_registry(state_dir: Path | str) -> CollectorRegistry:
+    """A fresh registry with the metrics of the journal's last run."""
+    registry = CollectorRegistry(auto_describe=False)
+    register_metrics(registry, state_dir, history=False)
+    return registry
+
+
+def write_textfile(state_dir: Path | str, output: Path | str) -> None:
+    """Write the last run's metrics to *output* for node-exporter, atomically.
+
+    :raises MetricsExportError: the directory is missing or not writable.
+    """
+    data = generate_latest(last_run_registry(state_dir))
+    output = os.fspath(output)
+    directory = os.path.dirname(os.path.abspath(output))
+    with _translated(output):
+        # node-exporter reads only *.prom: the temporary file is never half-read.
+        fd, tmp = tempfile.mkstemp(
+            dir=directory, prefix=f".{os.path.basename(output)}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(tmp, output)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def push(
+    state_dir: Path | str,
+    gateway: str,
+    instance: str | None = None,
+    timeout: float = PUSH_TIMEOUT,
+) -> None:
+    """Push the last run's metrics to the Pushgateway at *gateway*, replacing
+    the group ``job=liveupdate, instance=<instance or hostname>``.
+
+    :raises MetricsExportError: the Pushgateway is unreachable or refused.
+    """
+    with _translated(gateway):
+        push_to_gateway(
+            gateway,
+            job=JOB,
+            registry=last_run_registry(state_dir),
+            grouping_key={"instance": instance or socket.gethostname()},
+            timeout=timeout,
+        )
+
+
+def export_from_env(state_dir: Path | str) -> tuple[list[str], list[str]]:
+    """Export the last run as ``LIVEUPDATE_TEXTFILE`` (a path) and
+    ``LIVEUPDATE_PUSHGATEWAY`` (a URL) say; unset or empty means not that way.
+
+    Both are attempted; a failure of one is returned, not raised: the update
+    itself is over and its outcome stands.
+
+    :return: what was done, and what failed, one line each.
+    """
+    done: list[str] = []
+    failed: list[str] = []
+    textfile = os.environ.get(ENV_TEXTFILE)
+    gateway = os.environ.get(ENV_PUSHGATEWAY)
+    if textfile:
+        try:
+            write_textfile(state_dir, textfile)
+            done.append(f"metrics written to {textfile}")
+        except MetricsExportError as exc:
+            failed.append(str(exc))
+    if gateway:
+        try:
+            push(state_dir, gateway)
+            done.append(f"metrics pushed to {gateway}")
+        except MetricsExportError as exc:
+            failed.append(str(exc))
+    return done, failed
+
+
+# --- the HTTP endpoint --------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a pair.
+
+    :raises MetricsExportError: not of that form.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise MetricsExportError(listen, "expected HOST:PORT, e.g. 127.0.0.1:9731")
+    return host.strip("[]"), int(port)
+
+
+async def _respond(
+    stream: anyio.abc.ByteStream, status: str, ctype: str, body: bytes, head: bool
+) -> None:
+    header = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    await stream.send(header if head else header + body)
+
+
+async def _handle(registry: CollectorRegistry, stream: anyio.abc.ByteStream) -> None:
+    async with stream:
+        request = b""
+        with anyio.move_on_after(10):
+            while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST:
+                try:
+                    request += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return
+        try:
+            method, target, _ = request.split(b"\r\n", 1)[0].decode().split(" ", 2)
+        except ValueError:
+            await _respond(stream, "400 Bad Request", "text/plain", b"", False)
+            return
+        head = method == "HEAD"
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await _respond(stream, "405 Method Not Allowed", "text/plain", b"", head)
+        elif path == "/metrics":
+            body = await anyio.to_thread.run_sync(generate_latest, registry)
+            await _respond(stream, "200 OK", CONTENT_TYPE, body, head)
+        elif path == "/":
+            page = b'<html><body><a href="/metrics">/metrics</a></body></html>\n'
+            await _respond(stream, "200 OK", "text/html", page, head)
+        else:
+            await _respond(stream, "404 Not Found", "text/plain", b"not found\n", head)
+
+
+async def serve_metrics(
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` of *registry* over HTTP on *host*:*port* until cancelled.
+
+    Start it with ``await tg.start(serve_metrics, ...)``: it reports the port
+    it listens on (useful with port 0) once it accepts connections. Each
+    scrape collects in a worker thread (the journal is read from disk); a
+    client has 10 s to send its request.
+
+    :raises MetricsExportError: the address cannot be bound.
+    """
+    with _translated(f"{host}:{port}"):
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    async with listener:
+        bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+        logger.info("serving metrics on http://%s:%d/metrics", host, bound)
+        task_status.started(bound)
+
+        async def handler(stream: anyio.abc.SocketStream) -> None:
+            try:
+                await _handle(registry, stream)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                logger.debug("a scrape connection broke", exc_info=True)
+
+        await listener.serve(handler)

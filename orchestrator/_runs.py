@@ -1,0 +1,323 @@
+"""Runs read back from the journal: what each update did, when, and for how long.
+
+The journal keeps every run (each starts with a ``run_start`` record); this
+module splits it into runs and turns each into spans -- phases, steps,
+rollback steps -- with retries, the blackout window and the kexec gap between
+the two kernels. The metrics (``_metrics.py``) and the timeline report
+(``_report.py``) are both computed from these, after the fact, so they are as
+right after the kexec as before it.
+
+How durations are measured: every record carries ``wall`` (``time.time()``),
+``mono`` (``time.monotonic()``) and the ``boot_id``. Two records of the same
+boot are subtracted on the monotonic clock (immune to NTP steps); two records
+of different boots -- the kexec, the blackout -- on the wall clock, because
+the monotonic clock restarts with the new kernel. This is the rule
+``liveupdate status`` follows, so both report the same numbers: the kexec
+"phase" runs from the ``kexec`` record to the new kernel's ``restore``
+``phase_start``, the blackout from ``blackout_start`` (freeze begins) to
+``blackout_end`` (every workload restored). Timestamps on a time axis are
+always wall clock.
+
+Standard library only; not on the restore path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+logger = logging.getLogger(__name__)
+
+PHASE_ORDER = (
+    "quiesce",
+    "preserve",
+    "prepare",
+    "freeze",
+    "kexec",
+    "restore",
+    "finish",
+)
+CANCELLABLE_PHASES = ("quiesce", "preserve", "prepare", "freeze", "kexec")
+STATES = ("NORMAL", "PREPARED", "FROZEN", "UPDATED", "CANCELLING", "FAILED")
+OUTCOMES = ("completed", "cancelled", "failed")
+
+
+def elapsed(start: dict[str, Any], end: dict[str, Any]) -> float:
+    """Seconds from record *start* to record *end*: monotonic within one boot,
+    wall clock across a kexec."""
+    if start["boot_id"] == end["boot_id"]:
+        return float(end["mono"]) - float(start["mono"])
+    return float(end["wall"]) - float(start["wall"])
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A phase, a step or a rollback step, placed on the wall clock."""
+
+    kind: str  # "phase", "step" or "rollback"
+    phase: str
+    name: str  # the phase, the step, or the step being undone
+    plugin: str | None
+    start: float  # wall clock, seconds since the epoch
+    seconds: float  # measured as ``elapsed`` says
+    boot_id: str
+    ok: bool
+    attempts: int = 1
+    error: str | None = None
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A failed attempt of a step that was retried."""
+
+    phase: str
+    step: str
+    plugin: str | None
+    attempt: int
+    wall: float
+    error: str
+    wait: float
+
+
+@dataclass(slots=True)
+class Run:
+    """One update, from its ``run_start`` to its ``run_end`` (if it has one yet)."""
+
+    run_id: str
+    name: str | None
+    kernel: str  # "real" or "sim" (never a path: it becomes a label)
+    start: float
+    end: float
+    abi: str | None = None
+    boots: list[str] = field(default_factory=list)
+    outcome: str | None = None
+    error: str | None = None
+    states: list[tuple[str, float]] = field(default_factory=list)
+    phases: list[Span] = field(default_factory=list)
+    steps: list[Span] = field(default_factory=list)
+    rollbacks: list[Span] = field(default_factory=list)
+    retries: list[Retry] = field(default_factory=list)
+    blackout: tuple[float, float] | None = None  # wall clock start, end
+    blackout_s: float | None = None
+    blackout_open: float | None = None  # blackout_start with no end (yet)
+    kexec: float | None = None  # wall clock of the reboot syscall
+    next_boot: float | None = None  # first record of the new kernel
+    cancel: float | None = None  # wall clock: cancelling began
+    failed_phase: str | None = None
+    liveupdate_number: int | None = None
+    preserved_fds: int = 0
+    preserved_bytes: int | None = None
+
+    @property
+    def state(self) -> str:
+        return self.states[-1][0] if self.states else "NORMAL"
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run went through CANCELLING (whatever the rollback's result)."""
+        return any(state == "CANCELLING" for state, _ in self.states)
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Each phase's duration, in phase order (``liveupdate status``'s table)."""
+        found = {span.phase: span.seconds for span in self.phases}
+        return {p: found[p] for p in PHASE_ORDER if p in found}
+
+
+def split_runs(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The journal's records grouped by run, oldest first (records before the
+    first ``run_start`` belong to no run and are left out)."""
+    runs: list[list[dict[str, Any]]] = []
+    for rec in records:
+        if rec.get("event") == "run_start":
+            runs.append([rec])
+        elif runs:
+            runs[-1].append(rec)
+    return runs
+
+
+def parse_run(records: list[dict[str, Any]]) -> Run:
+    """A :class:`Run` from the records of one run (``records[0]`` is ``run_start``)."""
+    first = records[0]
+    spec = str(first.get("kernel") or "real")
+    run = Run(
+        run_id=str(first.get("run")),
+        name=first.get("name"),
+        kernel="sim" if spec.startswith("sim") else "real",
+        start=float(first["wall"]),
+        end=float(records[-1]["wall"]),
+    )
+    phase_starts: dict[str, dict[str, Any]] = {}
+    step_starts: dict[tuple[str, str], dict[str, Any]] = {}
+    undo_starts: dict[tuple[str, str], dict[str, Any]] = {}
+    manifests: dict[str, dict[str, Any]] = {}
+    records_by_plugin: dict[str, dict[str, Any]] = {}
+    kexec_rec: dict[str, Any] | None = None
+    blackout_rec: dict[str, Any] | None = None
+    open_phase: str | None = None
+    for rec in records:
+        ev = rec["event"]
+        if rec["boot_id"] not in run.boots:
+            run.boots.append(rec["boot_id"])
+            if len(run.boots) > 1 and run.next_boot is None:
+                run.next_boot = float(rec["wall"])
+        if ev == "abi":
+            run.abi = rec.get("abi")
+        elif ev == "state":
+            run.states.append((rec["state"], float(rec["wall"])))
+            if rec.get("liveupdate_number") is not None:
+                run.liveupdate_number = int(rec["liveupdate_number"])
+        elif ev == "phase_start":
+            phase_starts[rec["phase"]] = rec
+            open_phase = rec["phase"]
+            if rec["phase"] == "restore" and kexec_rec is not None:
+                run.phases.append(
+                    Span(
+                        "phase",
+                        "kexec",
+                        "kexec",
+                        None,
+                        float(kexec_rec["wall"]),
+                        elapsed(kexec_rec, rec),
+                        kexec_rec["boot_id"],
+                        True,
+                    )
+                )
+        elif ev == "phase_end" and rec["phase"] in phase_starts:
+            start = phase_starts[rec["phase"]]
+            ok = bool(rec.get("ok", True))
+            run.phases.append(
+                Span(
+                    "phase",
+                    rec["phase"],
+                    rec["phase"],
+                    None,
+                    float(start["wall"]),
+                    elapsed(start, rec),
+                    start["boot_id"],
+                    ok,
+                    error=rec.get("error"),
+                )
+            )
+            open_phase = None
+            if not ok and run.failed_phase is None:
+                run.failed_phase = rec["phase"]
+        elif ev == "step_start":
+            step_starts[(rec["phase"], rec["step"])] = rec
+        elif ev == "step_end":
+            key = (rec["phase"], rec["step"])
+            start = step_starts.get(key, rec)
+            plugin = rec.get("plugin") or start.get("plugin")
+            run.steps.append(
+                Span(
+                    "step",
+                    rec["phase"],
+                    rec["step"],
+                    plugin,
+                    float(start["wall"]),
+                    elapsed(start, rec),
+                    start["boot_id"],
+                    bool(rec.get("ok")),
+                    int(rec.get("attempts") or 1),
+                    rec.get("error"),
+                )
+            )
+            if rec.get("ok") and plugin:
+                records_by_plugin[plugin] = rec.get("records") or {}
+                if rec.get("manifest"):
+                    manifests[plugin] = rec["manifest"]
+        elif ev == "retry":
+            start = step_starts.get((rec["phase"], rec["step"]), {})
+            run.retries.append(
+                Retry(
+                    rec["phase"],
+                    rec["step"],
+                    start.get("plugin"),
+                    int(rec.get("attempt", 0)),
+                    float(rec["wall"]),
+                    str(rec.get("error", "")),
+                    float(rec.get("wait") or 0.0),
+                )
+            )
+        elif ev == "rollback_start":
+            undo_starts[(rec["phase"], rec["step"])] = rec
+        elif ev == "rollback_end":
+            start = undo_starts.get((rec["phase"], rec["step"]), rec)
+            run.rollbacks.append(
+                Span(
+                    "rollback",
+                    rec["phase"],
+                    rec["step"],
+                    None,
+                    float(start["wall"]),
+                    elapsed(start, rec),
+                    start["boot_id"],
+                    bool(rec.get("ok")),
+                    error=rec.get("error"),
+                )
+            )
+        elif ev == "blackout_start":
+            blackout_rec = rec
+            run.blackout_open = float(rec["wall"])
+        elif ev == "blackout_end" and blackout_rec is not None:
+            run.blackout = (float(blackout_rec["wall"]), float(rec["wall"]))
+            run.blackout_s = elapsed(blackout_rec, rec)
+            run.blackout_open = None
+        elif ev == "kexec":
+            kexec_rec = rec
+            run.kexec = float(rec["wall"])
+        elif (
+            ev == "cancel_start" or (ev == "resume" and rec.get("action") == "cancel")
+        ) and run.cancel is None:
+            run.cancel = float(rec["wall"])
+            if run.failed_phase is None:
+                # the phase the update was in when it failed: one that ended
+                # badly (above), else the reboot syscall, else one left open
+                # by an orchestrator that died
+                run.failed_phase = (
+                    "kexec" if kexec_rec is not None else open_phase or "unknown"
+                )
+        elif ev == "run_end":
+            run.outcome, run.error = rec.get("outcome"), rec.get("error")
+    if run.outcome == "failed" and run.failed_phase is None:
+        run.failed_phase = open_phase or "unknown"
+    run.preserved_fds, run.preserved_bytes = _preserved(manifests, records_by_plugin)
+    return run
+
+
+def _preserved(
+    manifests: dict[str, dict[str, Any]], records: dict[str, dict[str, Any]]
+) -> tuple[int, int | None]:
+    """How many fds the run's manifests hold, and their bytes where known.
+
+    The manifest says where each fd went (session, token), not its size. The
+    sizes come from what plugins recorded: a ``workloads`` list of entries
+    with ``name`` and ``size`` (the workloads plugin records one). ``None``
+    when no preserved fd has a recorded size.
+    """
+    fds = 0
+    total: int | None = None
+    for plugin, manifest in manifests.items():
+        fds += len(manifest)
+        sizes = {
+            str(entry.get("name")): int(entry["size"])
+            for entry in records.get(plugin, {}).get("workloads") or ()
+            if isinstance(entry, dict) and "size" in entry
+        }
+        for key in manifest:
+            if key in sizes:
+                total = (total or 0) + sizes[key]
+    return fds, total
+
+
+def read_runs(records: Iterable[dict[str, Any]]) -> list[Run]:
+    """Every run of a journal's *records*, oldest first."""
+    return [parse_run(group) for group in split_runs(records)]
