@@ -1,9 +1,9 @@
 """The state of the last update, computed from the journal alone.
 
-Durations inside one boot use the monotonic clock; the blackout spans two
-kernels, whose monotonic clocks are unrelated, so it is measured on the wall
-clock: from ``blackout_start`` (freeze begins, workloads are paused) in the
-old kernel to ``blackout_end`` (every workload restored) in the new one.
+The journal is read into runs by :mod:`._runs` -- the same reading the
+metrics and the timeline report use, so all three agree: durations inside one
+boot on the monotonic clock, across the kexec (the blackout, the kexec
+"phase") on the wall clock.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._journal import last_run, lock_holder, read_journal
+from ._journal import lock_holder, read_journal
+from ._runs import read_runs
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,54 +62,29 @@ class Status:
 
 
 def summarize(state_dir: Path) -> Status:
-    records = last_run(read_journal(state_dir))
+    """The last run of the journal in *state_dir* (see :mod:`._runs` for how
+    durations are measured), and who holds the lock now."""
     status = Status(running=lock_holder(state_dir))
-    starts: dict[str, dict[str, Any]] = {}
-    blackout_start: float | None = None
-    for rec in records:
-        ev = rec["event"]
-        if rec["boot_id"] not in status.boots:
-            status.boots.append(rec["boot_id"])
-        if ev == "run_start":
-            status.run_id, status.playbook = rec["run"], rec.get("name")
-        elif ev == "state":
-            status.state = rec["state"]
-            if rec.get("liveupdate_number") is not None:
-                status.liveupdate_number = rec["liveupdate_number"]
-        elif ev == "phase_start":
-            starts[rec["phase"]] = rec
-        elif ev == "phase_end" and rec["phase"] in starts:
-            start = starts[rec["phase"]]
-            status.phases[rec["phase"]] = rec["mono"] - start["mono"]
-        elif ev == "kexec":
-            starts["kexec"] = rec
-        elif ev == "step_end":
-            status.steps.append(
-                {
-                    k: rec.get(k)
-                    for k in ("phase", "step", "plugin", "ok", "attempts", "error")
-                }
-            )
-        elif ev == "retry":
-            status.retries += 1
-        elif ev == "blackout_start":
-            blackout_start = rec["wall"]
-        elif ev == "blackout_end" and blackout_start is not None:
-            status.blackout_s = rec["wall"] - blackout_start
-        elif ev == "run_end":
-            status.outcome, status.error = rec["outcome"], rec.get("error")
-    if "kexec" in starts and "restore" in starts:
-        # the kexec "phase": reboot syscall in the old kernel to restore start in
-        # the new one (wall clock: the monotonic clock restarted)
-        status.phases["kexec"] = starts["restore"]["wall"] - starts["kexec"]["wall"]
-        order = [
-            "quiesce",
-            "preserve",
-            "prepare",
-            "freeze",
-            "kexec",
-            "restore",
-            "finish",
-        ]
-        status.phases = {p: status.phases[p] for p in order if p in status.phases}
+    runs = read_runs(read_journal(state_dir))
+    if not runs:
+        return status
+    run = runs[-1]
+    status.run_id, status.playbook = run.run_id, run.name
+    status.state, status.outcome, status.error = run.state, run.outcome, run.error
+    status.phases = run.phase_seconds
+    status.steps = [
+        {
+            "phase": s.phase,
+            "step": s.name,
+            "plugin": s.plugin,
+            "ok": s.ok,
+            "attempts": s.attempts,
+            "error": s.error,
+        }
+        for s in run.steps
+    ]
+    status.retries = len(run.retries)
+    status.blackout_s = run.blackout_s
+    status.boots = list(run.boots)
+    status.liveupdate_number = run.liveupdate_number
     return status
