@@ -148,14 +148,15 @@ def test_hook_raises_cancels(host: Host, phase: str) -> None:
     host.assert_workloads_intact()
 
 
-def test_hook_timeout_cancels(host: Host) -> None:
-    book = host.playbook(
-        {"preserve": [{"plugin": "faults", "timeout": "300ms", "with": {"hang": 30}}]}
-    )
+@pytest.mark.parametrize("phase", ["quiesce", "preserve", "prepare", "freeze"])
+def test_hook_timeout_cancels(host: Host, phase: str) -> None:
+    step = {"plugin": "faults", "timeout": "300ms", "with": {"hang": 30}}
+    book = host.playbook({phase: [step]})
     run = host.liveupdate("run", str(book))
     assert run.returncode == 5
     assert "timed out after 0.3 s" in run.stdout
     assert host.status()["outcome"] == "cancelled"
+    assert not host.kernel.kexec_loaded()
     host.assert_workloads_intact()
 
 
@@ -195,12 +196,10 @@ def test_orchestrator_killed_then_resume_cancels(host: Host, phase: str) -> None
     host.assert_workloads_intact()  # SIGCONT'd if the freeze had paused them
 
 
-def test_workload_dies_cancels_and_restarts_it(host: Host) -> None:
+@pytest.mark.parametrize("phase", ["quiesce", "preserve", "prepare"])
+def test_workload_dies_cancels_and_restarts_it(host: Host, phase: str) -> None:
     book = host.playbook(
-        {
-            "preserve": [{"plugin": "faults", "with": {"kill_workload": "kv1"}}],
-            "freeze": [],
-        }
+        {phase: [{"plugin": "faults", "with": {"kill_workload": "kv1"}}]}
     )
     run = host.liveupdate("run", str(book))
     assert run.returncode == 5, run.stdout + run.stderr
@@ -211,6 +210,21 @@ def test_workload_dies_cancels_and_restarts_it(host: Host) -> None:
     assert kv0 == host.pids["kv0"], "kv0 kept running: not restarted"
     state = Path(f"/proc/{kv0}/stat").read_text().rsplit(")", 1)[1].split()[0]
     assert state in ("R", "S"), f"kv0 must run, not be left paused ({state})"
+
+
+def test_workload_dies_after_the_freeze_is_restored_from_preserved_memory(
+    host: Host,
+) -> None:
+    """Killed while paused in the blackout: its memory was preserved, so the
+    update completes and the workload comes back with its data."""
+    book = host.playbook(
+        {"freeze": [{"plugin": "faults", "with": {"kill_workload": "kv1"}}]}
+    )
+    run = host.liveupdate("run", str(book))
+    assert run.returncode == -signal.SIGKILL  # the kexec happened
+    assert host.liveupdate("resume", str(book)).returncode == 0
+    assert host.status()["outcome"] == "completed"
+    host.assert_workloads_intact()
 
 
 def test_kernel_refuses_freeze_cancels(host: Host) -> None:
