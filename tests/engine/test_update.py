@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -308,3 +309,34 @@ def test_resume_fast_path_completes_the_update(host: Host) -> None:
     assert resume.returncode == 0, resume.stdout + resume.stderr
     assert host.status()["outcome"] == "completed"
     host.assert_workloads_intact()
+
+
+def test_cancel_command_stops_a_running_update(host: Host) -> None:
+    book = host.playbook({"prepare": [{"plugin": "faults", "with": {"hang": 120}}]})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(book)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(
+        r["event"] == "step_start" and r.get("plugin") == "faults"
+        for r in read_journal(host.state)
+    ):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the update never reached the hanging step"
+        time.sleep(0.05)
+    cancel = host.liveupdate("cancel", "--state-dir", str(host.state))
+    assert cancel.returncode == 0
+    assert f"asked the orchestrator (pid {proc.pid}) to cancel" in cancel.stdout
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, out + err
+    assert "cancelled by SIGTERM" in out
+    status = host.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "cancelled")
+    assert not host.kernel.kexec_loaded()
+    host.assert_workloads_intact()
+    idle = host.liveupdate("cancel", "--state-dir", str(host.state))
+    assert "no orchestrator is running" in idle.stdout
