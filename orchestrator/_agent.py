@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_PACKET = 1 << 16
+CONTROL_SOCKET = "control.sock"
 MAX_NAME = 128
 _PEERCRED = struct.Struct("3i")
 
@@ -129,6 +130,7 @@ class Agent:
         self.registrations: dict[str, Registration] = {}
         self.frozen = False  # an update is past PRESERVE: no changes
         self.updating = False
+        self.update_scope: anyio.CancelScope | None = None
         self.task_group: anyio.abc.TaskGroup | None = None
         self.start_update: Callable[[Path], Coroutine[Any, Any, None]] | None = None
 
@@ -309,6 +311,11 @@ class AgentRefusal(OrchestratorError):
     """A request the agent refuses; the message goes back to the client."""
 
 
+def control_socket_for(handover_socket: Path) -> Path:
+    """The control API's socket, beside the hand-over socket."""
+    return handover_socket.with_name(CONTROL_SOCKET)
+
+
 async def run_agent(
     socket_path: Path,
     state_dir: Path,
@@ -344,17 +351,23 @@ async def run_agent(
     agent.save()
 
     async def run_update(playbook: Path) -> None:
-        try:
-            outcome = await engine_for(playbook).run()  # the kexec does not return
-        except OrchestratorError as exc:
-            logger.error("the update could not start: %s", exc)
-        else:
-            logger.warning("the update ended without a kexec: %s", outcome.value)
-        finally:
-            agent.frozen = agent.updating = False
+        with anyio.CancelScope() as scope:  # POST /v1/cancel cancels it
+            agent.update_scope = scope
+            try:
+                outcome = await engine_for(playbook).run()  # the kexec does not return
+            except OrchestratorError as exc:
+                logger.error("the update could not start: %s", exc)
+            else:
+                logger.warning("the update ended without a kexec: %s", outcome.value)
+            finally:
+                agent.frozen = agent.updating = False
+                agent.update_scope = None
+
+    from ._agent_http import serve_control
 
     agent.start_update = run_update
     async with anyio.create_task_group() as tg:
         agent.task_group = tg
         await tg.start(agent.serve)
+        await tg.start(serve_control, agent, control_socket_for(socket_path))
         task_status.started(agent)

@@ -158,11 +158,63 @@ def _finish_message(outcome: Any, state: Path) -> int:
     return 0
 
 
+DEFAULT_CONTROL = Path("/run/liveupdate/control.sock")
+
+
+def _agent_socket(args: argparse.Namespace) -> Path | None:
+    """The agent's control socket if the update should go through the agent."""
+    if getattr(args, "no_agent", False):
+        return None
+    if getattr(args, "agent", None):
+        return Path(args.agent)
+    return DEFAULT_CONTROL if DEFAULT_CONTROL.exists() else None
+
+
+def _run_via_agent(control: Path, playbook: Path) -> int:
+    """Start the update in the agent and follow it until it ends or the kexec
+    takes the agent away."""
+    import time
+
+    import httpx
+
+    transport = httpx.HTTPTransport(uds=str(control))
+    with httpx.Client(transport=transport, base_url="http://agent", timeout=30) as http:
+        answer = http.post("/v1/updates", json={"playbook": str(playbook.absolute())})
+        if answer.status_code != 202:
+            print(f"the agent refused: {answer.json().get('error')}", file=sys.stderr)
+            return EXIT_FAILED
+        print(
+            f"the agent at {control} runs {playbook} "
+            f"({answer.json()['registrations']} registration(s))"
+        )
+        seen = None
+        while True:
+            time.sleep(0.2)
+            try:
+                status = http.get("/v1/status").json()
+            except httpx.TransportError:
+                print(
+                    "the agent went away: the kexec is under way; "
+                    "'liveupdate status' tells the rest after the boot"
+                )
+                return 0
+            if status["state"] != seen:
+                seen = status["state"]
+                print(f"= {seen}")
+            if not status["agent"]["updating"]:
+                outcome = status.get("outcome")
+                print(f"update {outcome}: {status.get('error') or ''}".rstrip(": "))
+                return EXIT_CANCELLED if outcome == "cancelled" else EXIT_FAILED
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from ._engine import Engine, check_playbook, plugin_manager
 
+    control = _agent_socket(args)
+    if control is not None:
+        return _run_via_agent(control, args.playbook)
     playbook, kernel, state = _load(args)
     pm = plugin_manager()
     problems = check_playbook(pm, playbook)
@@ -202,6 +254,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from ._journal import lock_holder
+
+    control = _agent_socket(args)
+    if control is not None:
+        import httpx
+
+        transport = httpx.HTTPTransport(uds=str(control))
+        with httpx.Client(
+            transport=transport, base_url="http://agent", timeout=30
+        ) as http:
+            answer = http.post("/v1/cancel")
+        if answer.status_code == 202:
+            print("asked the agent to cancel its update")
+            return 0
+        print(f"the agent: {answer.json().get('error')}")
+        return 0
+    if args.state_dir is None:
+        print(
+            "liveupdate cancel: --state-dir is needed when no agent runs",
+            file=sys.stderr,
+        )
+        return 2
 
     holder = lock_holder(Path(args.state_dir))
     if holder is None:

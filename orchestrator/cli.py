@@ -184,6 +184,18 @@ def _add_update_commands(sub: Any) -> None:
         "'liveupdate resume' (a boot-time unit) restores and finishes.",
     )
     with_playbook(p)
+    p.add_argument(
+        "--agent",
+        default=None,
+        metavar="SOCKET",
+        help="run it in the agent behind this control socket (default: "
+        "the agent's, /run/liveupdate/control.sock, when it exists)",
+    )
+    p.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="run it in this process even if an agent runs",
+    )
     p.set_defaults(func=u.cmd_run)
 
     p = sub.add_parser(
@@ -202,7 +214,14 @@ def _add_update_commands(sub: Any) -> None:
     p.set_defaults(func=u.cmd_status)
 
     p = sub.add_parser("cancel", help="cancel the running update")
-    p.add_argument("--state-dir", required=True, help=state_help)
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.add_argument(
+        "--agent",
+        default=None,
+        metavar="SOCKET",
+        help="cancel the agent's update (default when the agent runs)",
+    )
+    p.add_argument("--no-agent", action="store_true")
     p.set_defaults(func=u.cmd_cancel)
 
     p = sub.add_parser(
