@@ -28,11 +28,11 @@ import socket
 from orchestrator._compat import TYPE_CHECKING
 
 from ._errors import OrchestratorError
+from .luo._fds import Closing
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import TracebackType
-    from typing import Any, Self
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/liveupdate/agent.sock"
 MAX_PACKET = 1 << 16
@@ -42,7 +42,7 @@ class AgentError(OrchestratorError):
     """The agent refused a request, or cannot be reached."""
 
 
-class AgentClient:
+class AgentClient(Closing):
     """A connection to the agent; one request at a time."""
 
     def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET) -> None:
@@ -58,17 +58,6 @@ class AgentClient:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _call(
         self, request: dict[str, Any], fds: Sequence[int] = ()

@@ -13,8 +13,28 @@ if TYPE_CHECKING:
     from typing import Self
 
 
+class Closing:
+    """``with`` support for a class whose ``close()`` releases what it holds."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 @final
-class OwnedFd:
+class OwnedFd(Closing):
     """A file descriptor with one owner that closes it exactly once.
 
     Use it as a context manager, or call :meth:`close`. :meth:`detach` hands the
@@ -47,17 +67,6 @@ class OwnedFd:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         # Last resort only: owners close deterministically.

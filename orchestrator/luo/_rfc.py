@@ -18,18 +18,16 @@ from orchestrator._compat import TYPE_CHECKING, final
 
 from . import _abi
 from ._errors import kernel_error
-from ._fds import OwnedFd, describe_fd
-from ._kernel import Kernel, kernel_from_spec
+from ._fds import Closing, OwnedFd, describe_fd
 from ._rfcstate import RfcState
-from ._session import HasFileno, check_fd, check_token
+from ._session import HasFileno, check_fd, check_token, open_device
 
 if TYPE_CHECKING:
-    from types import TracebackType
-    from typing import Self
+    from ._kernel import Kernel
 
 
 @final
-class RfcDevice:
+class RfcDevice(Closing):
     """An open /dev/liveupdate on a kernel that carries the RFC series."""
 
     __slots__ = ("_fd", "kernel")
@@ -40,16 +38,7 @@ class RfcDevice:
 
     @classmethod
     def open(cls, kernel: Kernel | str | None = None) -> RfcDevice:
-        k = (
-            kernel
-            if kernel is not None and not isinstance(kernel, str)
-            else kernel_from_spec(kernel)
-        )
-        try:
-            fd = k.open_device()
-        except OSError as exc:
-            raise kernel_error(exc.errno or E.EIO, "open", "/dev/liveupdate") from exc
-        return cls(k, fd)
+        return cls(*open_device(kernel))
 
     def fileno(self) -> int:
         if self._fd is None:
@@ -60,17 +49,6 @@ class RfcDevice:
         fd, self._fd = self._fd, None
         if fd is not None:
             self.kernel.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _ioctl(
         self,

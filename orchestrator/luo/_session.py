@@ -22,20 +22,30 @@ from __future__ import annotations
 import errno as E
 import os
 
-from orchestrator._compat import TYPE_CHECKING, Protocol, final
+from orchestrator._compat import Protocol, final
 from orchestrator._errors import InvalidArgumentError
 
 from . import _abi
 from ._errors import kernel_error
-from ._fds import OwnedFd, describe_fd
+from ._fds import Closing, OwnedFd, describe_fd
 from ._kernel import Kernel, kernel_from_spec
-
-if TYPE_CHECKING:
-    from types import TracebackType
-    from typing import Self
 
 MAX_NAME_BYTES = _abi.SESSION_NAME_LENGTH - 1
 MAX_TOKEN = (1 << 64) - 1
+
+
+def open_device(kernel: Kernel | str | None) -> tuple[Kernel, int]:
+    """The kernel named by *kernel* (an object, a spec, or the default) and an
+    open fd of its /dev/liveupdate, or the error that says why not."""
+    k = (
+        kernel
+        if kernel is not None and not isinstance(kernel, str)
+        else kernel_from_spec(kernel)
+    )
+    try:
+        return k, k.open_device()
+    except OSError as exc:
+        raise kernel_error(exc.errno or E.EIO, "open", "/dev/liveupdate") from exc
 
 
 class HasFileno(Protocol):
@@ -88,7 +98,7 @@ def check_fd(fd: int | HasFileno) -> int:
 
 
 @final
-class LiveUpdateDevice:
+class LiveUpdateDevice(Closing):
     """An open ``/dev/liveupdate`` (merged ABI).
 
     The device admits one opener; close it as soon as the sessions exist:
@@ -108,16 +118,7 @@ class LiveUpdateDevice:
         :raises DeviceBusyError: another process holds it.
         :raises DeviceUnavailableError: there is no usable device here.
         """
-        k = (
-            kernel
-            if kernel is not None and not isinstance(kernel, str)
-            else kernel_from_spec(kernel)
-        )
-        try:
-            fd = k.open_device()
-        except OSError as exc:
-            raise kernel_error(exc.errno or E.EIO, "open", "/dev/liveupdate") from exc
-        return cls(k, fd)
+        return cls(*open_device(kernel))
 
     def fileno(self) -> int:
         if self._fd is None:
@@ -132,17 +133,6 @@ class LiveUpdateDevice:
         fd, self._fd = self._fd, None
         if fd is not None:
             self.kernel.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def create_session(self, name: str) -> Session:
         """Create an outgoing session: its files go through the next kexec.
@@ -178,7 +168,7 @@ class LiveUpdateDevice:
 
 
 @final
-class Session:
+class Session(Closing):
     """A session fd: outgoing (created here) or incoming (retrieved after a kexec).
 
     Closing an outgoing session before the kexec unpreserves all its files:
@@ -212,17 +202,6 @@ class Session:
         fd, self._fd = self._fd, None
         if fd is not None:
             self.kernel.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def preserve_fd(self, fd: int | HasFileno, token: int) -> None:
         """Preserve *fd* under *token* through the next kexec.

@@ -25,7 +25,7 @@ from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -35,17 +35,6 @@ def memfd_with(data: bytes) -> int:
     fd = os.memfd_create("handover", os.MFD_CLOEXEC)
     os.write(fd, data)
     return fd
-
-
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    kernel = SimKernel(tmp_path / "kernel")
-    async with anyio.create_task_group() as tg:
-        a: Agent = await tg.start(
-            run_agent, tmp_path / "run" / "agent.sock", tmp_path / "state", kernel
-        )
-        yield a
-        tg.cancel_scope.cancel()
 
 
 def client_call(path: Path, fn_name: str, *args: object) -> object:
@@ -117,10 +106,17 @@ def run_as_nobody(sock: Path, code: str, tmp: Path) -> subprocess.CompletedProce
     the (standard-library only) client."""
     pkg = tmp / "client" / "orchestrator"
     if not pkg.exists():
-        pkg.mkdir(parents=True)
-        for name in ("__init__.py", "_compat.py", "_errors.py", "agent_client.py"):
+        (pkg / "luo").mkdir(parents=True)
+        for name in (
+            "__init__.py",
+            "_compat.py",
+            "_errors.py",
+            "agent_client.py",
+            "luo/__init__.py",
+            "luo/_fds.py",
+        ):
             (pkg / name).write_text((ROOT / "orchestrator" / name).read_text())
-        for path in (tmp, tmp / "client", pkg, *pkg.iterdir()):
+        for path in (tmp, tmp / "client", pkg, *pkg.rglob("*")):
             path.chmod(0o755)
     return subprocess.run(
         ["/usr/bin/python3", "-c", code, str(sock)],

@@ -12,24 +12,13 @@ import anyio
 import httpx
 import pytest
 
-from orchestrator._agent import Agent, control_socket_for, run_agent
+from orchestrator._agent import Agent, control_socket_for
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
-    kernel = SimKernel(tmp_path / "kernel")
-    async with anyio.create_task_group() as tg:
-        a: Agent = await tg.start(
-            run_agent, tmp_path / "run" / "agent.sock", tmp_path / "state", kernel
-        )
-        yield a
-        tg.cancel_scope.cancel()
 
 
 @pytest.fixture
