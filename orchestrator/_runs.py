@@ -27,22 +27,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ._phases import Phase, State
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
-PHASE_ORDER = (
-    "quiesce",
-    "preserve",
-    "prepare",
-    "freeze",
-    "kexec",
-    "restore",
-    "finish",
-)
-CANCELLABLE_PHASES = ("quiesce", "preserve", "prepare", "freeze", "kexec")
-STATES = ("NORMAL", "PREPARED", "FROZEN", "UPDATED", "CANCELLING", "FAILED")
+PHASE_ORDER = tuple(p.value for p in Phase)
+# A failure of the reboot syscall itself cancels too: the kexec counts here.
+CANCELLABLE_PHASES = (*(p.value for p in Phase if p.is_reversible), Phase.KEXEC.value)
+STATES = tuple(s.value for s in State)
 OUTCOMES = ("completed", "cancelled", "failed")
 
 
