@@ -104,9 +104,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# Kept here, not imported from _metrics_export: building the CLI's parser must
+# not pull in prometheus_client, anyio and http.server.
+DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/liveupdate.prom"
+DEFAULT_LISTEN = "127.0.0.1:9731"
+
+
 def add_metrics_commands(sub: Any) -> None:
     """Register ``metrics`` and ``report`` on the CLI's subparsers."""
-    from ._metrics_export import DEFAULT_LISTEN, DEFAULT_TEXTFILE
 
     p = sub.add_parser(
         "metrics",

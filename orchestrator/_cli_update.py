@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import argparse
 
+    from pluggy import PluginManager
+
     from ._playbook import Playbook
     from ._preserve import Retriever
     from ._resume import Plan
@@ -79,30 +81,29 @@ class Printer:
             self._p("> kexec: jumping into the next kernel", "1")
 
 
-def _load(args: argparse.Namespace) -> tuple[Playbook, Kernel, Path]:
+def _load(args: argparse.Namespace) -> tuple[Playbook, Kernel, Path, PluginManager]:
+    """The playbook, kernel, state dir and plugin manager a command works with
+    (one plugin manager: scanning the entry points costs time on resume)."""
+    from ._engine import plugin_manager
     from ._playbook import load_playbook
     from .luo import kernel_from_spec
 
-    playbook = load_playbook(args.playbook, known_plugins=_known_plugins())
+    pm = plugin_manager()
+    known = {name for name, _ in pm.list_name_plugin()}
+    playbook = load_playbook(args.playbook, known_plugins=known)
     spec = getattr(args, "kernel", None) or playbook.kernel
     kernel = kernel_from_spec(spec)
     state = Path(
         getattr(args, "state_dir", None) or playbook.state_dir or "/var/lib/liveupdate"
     )
-    return playbook, kernel, state
-
-
-def _known_plugins() -> set[str]:
-    from ._engine import plugin_manager
-
-    return {name for name, _ in plugin_manager().list_name_plugin()}
+    return playbook, kernel, state, pm
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ._engine import check_playbook, plugin_manager
+    from ._engine import check_playbook
 
-    playbook, kernel, state = _load(args)
-    problems = check_playbook(plugin_manager(), playbook)
+    playbook, kernel, state, pm = _load(args)
+    problems = check_playbook(pm, playbook)
     print(f"playbook {playbook.name!r} ({playbook.path})")
     print(
         f"kernel {kernel.spec}; state dir {state}; blackout budget "
@@ -210,13 +211,12 @@ def _run_via_agent(control: Path, playbook: Path) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._engine import Engine, check_playbook, plugin_manager
+    from ._engine import Engine, check_playbook
 
     control = _agent_socket(args)
     if control is not None:
         return _run_via_agent(control, args.playbook)
-    playbook, kernel, state = _load(args)
-    pm = plugin_manager()
+    playbook, kernel, state, pm = _load(args)
     problems = check_playbook(pm, playbook)
     if problems:
         for problem in problems:
@@ -232,8 +232,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from ._engine import Engine, Outcome
 
-    playbook, kernel, state = _load(args)
-    engine = Engine(playbook, kernel, state, reporter=Printer())
+    playbook, kernel, state, pm = _load(args)
+    engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
     outcome = anyio.run(engine.resume, PREFETCHED)
     if outcome is Outcome.NOTHING:
         print("nothing to resume: no update in progress")

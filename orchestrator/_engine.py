@@ -31,7 +31,6 @@ from ._journal import Journal, JournalError, last_run, read_journal
 from ._phases import Phase, State
 from ._preserve import Retriever, open_preserver
 from ._resume import Plan, remove_plan, write_plan
-from ._retry import retrying
 from .luo import KexecError
 
 if TYPE_CHECKING:
@@ -200,6 +199,8 @@ class Engine:
             if step.retry.attempts == 1:
                 await attempt()  # no retry loop to build: the common case
             else:
+                from ._retry import retrying  # tenacity: only for steps that retry
+
                 async for trying in retrying(step.retry, before_sleep):
                     with trying:
                         await attempt()

@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JOB = "liveupdate"
-DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/liveupdate.prom"
-DEFAULT_LISTEN = "127.0.0.1:9731"
 PUSH_TIMEOUT = 10.0
 ENV_TEXTFILE = "LIVEUPDATE_TEXTFILE"
 ENV_PUSHGATEWAY = "LIVEUPDATE_PUSHGATEWAY"

@@ -150,20 +150,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_STATE_HELP = "where the journal and lock live (default: the playbook's state_dir)"
+
+
+def _with_playbook(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
+    p.add_argument("playbook", type=Path, help="the playbook (YAML)")
+    p.add_argument(
+        "--kernel", default=None, help=_KERNEL_HELP + " (overrides the playbook)"
+    )
+    p.add_argument("--state-dir", default=None, help=_STATE_HELP)
+
+
+def _add_resume_command(sub: Any) -> None:
+    from . import _cli_update as u
+
+    p = sub.add_parser(
+        "resume",
+        help="continue after a kexec, or cancel after a crash",
+        description="Read the journal: in a new kernel, restore and finish "
+        "the update; in the same kernel (the orchestrator died before the "
+        "kexec), cancel it and undo every completed step. Give --state-dir "
+        "(the boot unit does): the sessions are then taken back before "
+        "anything else is loaded.",
+    )
+    _with_playbook(p)
+    p.set_defaults(func=u.cmd_resume)
+
+
 def _add_update_commands(sub: Any) -> None:
     from pathlib import Path
 
     from . import _cli_update as u
 
     default_demo = Path(__file__).resolve().parent.parent / "playbooks" / "demo.yaml"
-    state_help = "where the journal and lock live (default: the playbook's state_dir)"
-
-    def with_playbook(p: argparse.ArgumentParser) -> None:
-        p.add_argument("playbook", type=Path, help="the playbook (YAML)")
-        p.add_argument(
-            "--kernel", default=None, help=_KERNEL_HELP + " (overrides the playbook)"
-        )
-        p.add_argument("--state-dir", default=None, help=state_help)
 
     p = sub.add_parser(
         "plan",
@@ -172,7 +193,7 @@ def _add_update_commands(sub: Any) -> None:
         "steps with their timeouts and retries. Changes nothing. Exits 2 "
         "if the playbook is invalid (file:line says where).",
     )
-    with_playbook(p)
+    _with_playbook(p)
     p.set_defaults(func=u.cmd_plan)
 
     p = sub.add_parser(
@@ -183,7 +204,7 @@ def _add_update_commands(sub: Any) -> None:
         "(exit 5) and the host is back in NORMAL. After the kexec, "
         "'liveupdate resume' (a boot-time unit) restores and finishes.",
     )
-    with_playbook(p)
+    _with_playbook(p)
     p.add_argument(
         "--agent",
         default=None,
@@ -198,23 +219,15 @@ def _add_update_commands(sub: Any) -> None:
     )
     p.set_defaults(func=u.cmd_run)
 
-    p = sub.add_parser(
-        "resume",
-        help="continue after a kexec, or cancel after a crash",
-        description="Read the journal: in a new kernel, restore and finish "
-        "the update; in the same kernel (the orchestrator died before the "
-        "kexec), cancel it and undo every completed step.",
-    )
-    with_playbook(p)
-    p.set_defaults(func=u.cmd_resume)
+    _add_resume_command(sub)
 
     p = sub.add_parser("status", help="the state of the last update (--json)")
-    p.add_argument("--state-dir", required=True, help=state_help)
+    p.add_argument("--state-dir", required=True, help=_STATE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON for automation")
     p.set_defaults(func=u.cmd_status)
 
     p = sub.add_parser("cancel", help="cancel the running update")
-    p.add_argument("--state-dir", default=None, help=state_help)
+    p.add_argument("--state-dir", default=None, help=_STATE_HELP)
     p.add_argument(
         "--agent",
         default=None,
@@ -254,7 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import _cli_update
 
         _cli_update.PREFETCHED = prefetched
-    parser = build_parser()
+        # Still inside the blackout: parse only what resume takes.
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="liveupdate")
+        _add_resume_command(parser.add_subparsers(dest="command", required=True))
+    else:
+        parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

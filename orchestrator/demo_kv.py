@@ -7,7 +7,7 @@ On a fresh start it fills its memfd with seeded records and publishes
 ``DIR/kv0.json`` (pid, the memfd's fd number, size, SHA-256 of the data); the
 orchestrator preserves that memfd through ``/proc/PID/fd/N``. Started with
 ``--memfd N`` it serves the data it is handed instead -- after the kexec, the
-retrieved memfd. It answers ``PING``, ``SUM`` (SHA-256 of its data) and
+retrieved memfd -- at once, without hashing it first (``sha256`` is null). It answers ``PING``, ``SUM`` (SHA-256 of its data) and
 ``GET <i>`` on the Unix socket ``DIR/kv0.sock``. On a simulated kernel it
 registers itself as a process that the kexec ends.
 """
@@ -41,6 +41,7 @@ def checksum(view: mmap.mmap) -> str:
 
 
 def serve(name: str, registry: Path, size: int, memfd: int | None) -> None:
+    fresh = memfd is None
     if memfd is None:
         memfd = os.memfd_create(f"kv-{name}", 0)
         fill(memfd, size, name)
@@ -61,7 +62,10 @@ def serve(name: str, registry: Path, size: int, memfd: int | None) -> None:
         "pid": os.getpid(),
         "fd": memfd,
         "size": size,
-        "sha256": checksum(view),
+        # Fresh data: its checksum is what must come back. Restored data is
+        # served at once (the blackout ends when the store serves again) and
+        # checked afterwards, on request (SUM).
+        "sha256": checksum(view) if fresh else None,
         "socket": str(sock_path),
     }
     tmp = registry / f".{name}.json.tmp"

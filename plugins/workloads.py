@@ -176,7 +176,8 @@ class WorkloadsPlugin:
                 new = await anyio.to_thread.run_sync(
                     wait_published, registry, info["name"], pid
                 )
-                if new["sha256"] != info["sha256"]:
+                now = await anyio.to_thread.run_sync(ask, new["socket"], "SUM", 600.0)
+                if now != info["sha256"]:
                     raise WorkloadError(
                         f"workload {info['name']!r} restarted with other data"
                     )
@@ -217,23 +218,34 @@ class WorkloadsPlugin:
 
     @hookimpl
     async def lu_restore(self, ctx: StepContext) -> None:
+        """Start every workload again on its retrieved memfd, all at once: the
+        blackout ends when they serve. Their data is checked in FINISH."""
         registry = _registry(ctx)
-        restored = []
-        for info in ctx.recorded("workloads", []):
+        restored: dict[str, dict[str, Any]] = {}
+
+        async def restart(info: dict[str, Any]) -> None:
             with await ctx.retrieve(info["name"]) as fd:
                 pid = launch(registry, info["name"], 0, ctx.kernel.spec, fd.fileno())
-            new = await anyio.to_thread.run_sync(
+            restored[info["name"]] = await anyio.to_thread.run_sync(
                 wait_published, registry, info["name"], pid
             )
-            if new["sha256"] != info["sha256"] or new["size"] != info["size"]:
-                raise WorkloadError(
-                    f"workload {info['name']!r}: data differs after the kexec "
-                    f"(sha256 {new['sha256'][:12]} != {info['sha256'][:12]})"
-                )
-            restored.append(new)
-        ctx.record("restored", restored)
+
+        workloads = ctx.recorded("workloads", [])
+        async with anyio.create_task_group() as tg:
+            for info in workloads:
+                tg.start_soon(restart, info)
+        ctx.record("restored", [restored[info["name"]] for info in workloads])
 
     @hookimpl
     async def lu_finish(self, ctx: StepContext) -> None:
+        """Every byte came back: each workload's SHA-256 equals the one recorded
+        before the kexec."""
+        before = {info["name"]: info for info in ctx.recorded("workloads", [])}
         for info in ctx.recorded("restored", []):
-            await anyio.to_thread.run_sync(_alive, info)
+            now = await anyio.to_thread.run_sync(ask, info["socket"], "SUM", 600.0)
+            old = before[info["name"]]
+            if now != old["sha256"] or info["size"] != old["size"]:
+                raise WorkloadError(
+                    f"workload {info['name']!r}: data differs after the kexec "
+                    f"(sha256 {now[:12]} != {old['sha256'][:12]})"
+                )
