@@ -81,16 +81,29 @@ class Printer:
             self._p("> kexec: jumping into the next kernel", "1")
 
 
-def _load(args: argparse.Namespace) -> tuple[Playbook, Kernel, Path, PluginManager]:
-    """The playbook, kernel, state dir and plugin manager a command works with
-    (one plugin manager: scanning the entry points costs time on resume)."""
+def _load(
+    args: argparse.Namespace, *, in_blackout: bool = False
+) -> tuple[Playbook, Kernel, Path, PluginManager]:
+    """The playbook, kernel, state dir and plugin manager a command works with.
+
+    :param in_blackout: resume after a kexec: load third-party plugins only if
+        the playbook names one (scanning the installed distributions for entry
+        points is slow); otherwise all are loaded, so that a misspelt hook
+        fails at start-up.
+    """
     from ._engine import plugin_manager
     from ._playbook import load_playbook
     from .luo import kernel_from_spec
 
-    pm = plugin_manager()
+    pm = plugin_manager(load_entry_points=not in_blackout)
     known = {name for name, _ in pm.list_name_plugin()}
-    playbook = load_playbook(args.playbook, known_plugins=known)
+    playbook = load_playbook(
+        args.playbook, known_plugins=None if in_blackout else known
+    )
+    if in_blackout and any(step.plugin not in known for step in playbook.steps()):
+        pm = plugin_manager()
+        known = {name for name, _ in pm.list_name_plugin()}
+        playbook = load_playbook(args.playbook, known_plugins=known)
     spec = getattr(args, "kernel", None) or playbook.kernel
     kernel = kernel_from_spec(spec)
     state = Path(
@@ -232,7 +245,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from ._engine import Engine, Outcome
 
-    playbook, kernel, state, pm = _load(args)
+    playbook, kernel, state, pm = _load(args, in_blackout=PREFETCHED is not None)
     engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
     outcome = anyio.run(engine.resume, PREFETCHED)
     if outcome is Outcome.NOTHING:
