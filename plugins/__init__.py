@@ -11,6 +11,7 @@ def BUILTINS() -> list[object]:
     """Fresh instances of the built-in plugins; each has a ``name``."""
     from .faults import FaultsPlugin
     from .kexec import KexecPlugin
+    from .qemu import QemuPlugin
     from .workloads import WorkloadsPlugin
 
-    return [WorkloadsPlugin(), KexecPlugin(), FaultsPlugin()]
+    return [WorkloadsPlugin(), QemuPlugin(), KexecPlugin(), FaultsPlugin()]

@@ -1,0 +1,50 @@
+"""Talking to virtual machine monitors: QEMU over QMP, and QEMU launching.
+
+Everything a VMM plugin needs is exported here; the modules are private.
+"""
+
+from __future__ import annotations
+
+from ._qemu import (
+    QEMU,
+    VmError,
+    VmInfo,
+    VmSpec,
+    find_ram_fd,
+    launch_vm,
+    log_tail,
+    publish,
+    qemu_argv,
+    read_words,
+    registered_vms,
+    running,
+)
+from ._qmp import (
+    QmpClient,
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+    QmpTimeoutError,
+    open_qmp,
+)
+
+__all__ = [
+    "QEMU",
+    "QmpClient",
+    "QmpCommandError",
+    "QmpConnectionError",
+    "QmpError",
+    "QmpTimeoutError",
+    "VmError",
+    "VmInfo",
+    "VmSpec",
+    "find_ram_fd",
+    "launch_vm",
+    "log_tail",
+    "open_qmp",
+    "publish",
+    "qemu_argv",
+    "read_words",
+    "registered_vms",
+    "running",
+]

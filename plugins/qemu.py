@@ -1,0 +1,402 @@
+"""QEMU VMs across the kexec: guest RAM preserved in a memfd, device state in a file.
+
+The VMs are the ones published in a registry directory by
+:func:`orchestrator.vmm.launch_vm` (``REGISTRY/<name>.json``: pid, QMP socket,
+the spec to start the same machine again). Guest RAM is a shared memfd.
+
+- quiesce: each VM answers QMP and runs; ``x-ignore-shared`` is set (and, on a
+  QEMU with the migration ``mode`` parameter, ``mode=cpr-reboot``), so that the
+  migration stream holds device state only, not RAM.
+- preserve: the guest-RAM memfd, opened through ``/proc/PID/fd/N``, goes to
+  ``ctx.preserve()`` while the VM runs (the kernel takes its contents at the kexec).
+- freeze: QMP ``stop`` (**the VM's blackout starts**), then ``migrate`` the device
+  state into ``STATE_DIR/qemu/<name>.state`` (fsync'ed). Every VM or none: a
+  failure resumes those already stopped. Its rollback resumes them (``cont``).
+- restore (new kernel): a new QEMU on the retrieved memfd
+  (``memory-backend-file,mem-path=/proc/self/fd/N``) with ``-S -incoming defer``
+  loads the state file, the probed guest words are checked, then ``cont``
+  (**the blackout ends**; ``blackout_s`` is recorded).
+- finish: each VM runs; ``x-ignore-shared`` is switched off again (a later
+  ordinary migration must carry RAM).
+
+Options (``with:``), on any step of this plugin:
+
+- ``registry``: the VM registry (default ``STATE_DIR/qemu``);
+- ``vms``: the VMs to update, names or ``{name: ..., qmp: ...}`` (default: all
+  registered; ``qmp`` overrides the published socket);
+- ``probe`` (quiesce or freeze step): guest-physical addresses whose 32-bit
+  words are recorded at the freeze and must read the same in the new QEMU
+  before it resumes;
+- ``qmp_timeout``: seconds for each QMP command (default 30);
+- ``migrate_timeout``: seconds for saving or loading device state (default 120).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from orchestrator import OrchestratorError, hookimpl
+from orchestrator.vmm import (
+    QmpCommandError,
+    QmpError,
+    VmError,
+    VmInfo,
+    find_ram_fd,
+    launch_vm,
+    log_tail,
+    open_qmp,
+    read_words,
+    registered_vms,
+    running,
+)
+
+if TYPE_CHECKING:
+    from orchestrator import StepContext
+    from orchestrator.vmm import QmpClient
+
+OPTIONS = frozenset({"registry", "vms", "probe", "qmp_timeout", "migrate_timeout"})
+STATE_FD_NAME = "lu-state"
+IGNORE_SHARED = "x-ignore-shared"
+# query-status while stopped by us, before or after the device state was saved.
+_STOPPED = frozenset({"paused", "finish-migrate", "postmigrate"})
+
+
+class QemuOptionsError(OrchestratorError, ValueError):
+    """The step's ``with:`` options are wrong."""
+
+
+def _options(ctx: StepContext) -> dict[str, Any]:
+    opts = ctx.options
+    unknown = sorted(set(opts) - OPTIONS)
+    if unknown:
+        raise QemuOptionsError(
+            f"qemu: unknown option(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(OPTIONS))})"
+        )
+    return opts
+
+
+def _registry(ctx: StepContext) -> Path:
+    return Path(_options(ctx).get("registry") or ctx.state_dir / "qemu")
+
+
+def _qmp_timeout(ctx: StepContext) -> float:
+    return float(_options(ctx).get("qmp_timeout", 30))
+
+
+def _migrate_timeout(ctx: StepContext) -> float:
+    return float(_options(ctx).get("migrate_timeout", 120))
+
+
+def _probes(ctx: StepContext) -> list[int]:
+    raw = _options(ctx).get("probe", [])
+    items = raw if isinstance(raw, list) else [raw]
+    try:
+        return [int(a, 0) if isinstance(a, str) else int(a) for a in items]
+    except (TypeError, ValueError) as exc:
+        raise QemuOptionsError(f"qemu: probe must be addresses, got {raw!r}") from exc
+
+
+def _selected(ctx: StepContext) -> list[VmInfo]:
+    registry = _registry(ctx)
+    vms = {vm.name: vm for vm in registered_vms(registry)}
+    wanted = _options(ctx).get("vms")
+    if wanted is None:
+        if not vms:
+            raise VmError("*", f"no VMs registered in {registry}")
+        return list(vms.values())
+    chosen = []
+    for item in wanted:
+        name = item if isinstance(item, str) else str(item.get("name"))
+        vm = vms.get(name)
+        if vm is None:
+            raise VmError(name, f"not registered in {registry}")
+        if isinstance(item, dict) and item.get("qmp"):
+            vm = VmInfo(vm.spec, vm.pid, str(item["qmp"]), vm.log, vm.ram_fd)
+        chosen.append(vm)
+    return chosen
+
+
+def _vms(ctx: StepContext) -> list[VmInfo]:
+    return [VmInfo.from_json(d) for d in ctx.recorded("vms", [])]
+
+
+async def _status(qmp: QmpClient) -> str:
+    reply = await qmp.execute("query-status")
+    return str(reply["status"])
+
+
+async def _set_migration(qmp: QmpClient, ignore_shared: bool, cpr: bool) -> None:
+    """Capabilities and mode, the same on both sides of the migration."""
+    if cpr:
+        mode = "cpr-reboot" if ignore_shared else "normal"
+        await qmp.execute("migrate-set-parameters", {"mode": mode})
+    await qmp.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": IGNORE_SHARED, "state": ignore_shared}]},
+    )
+
+
+async def _wait_migration(qmp: QmpClient, vm: str, budget: float) -> dict[str, Any]:
+    """Poll ``query-migrate`` until the migration ends; its final reply."""
+    with anyio.fail_after(budget):
+        while True:
+            info: dict[str, Any] = await qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise VmError(
+                    vm, f"migration {status}: {info.get('error-desc', 'no reason')}"
+                )
+            await anyio.sleep(0.01)
+
+
+async def _resume(qmp: QmpClient, vm: str) -> None:
+    """Undo a freeze on the running kernel: cancel any migration, then ``cont``."""
+    with contextlib.suppress(QmpCommandError):
+        await qmp.execute("migrate_cancel")
+    status = await _status(qmp)
+    if status in _STOPPED:
+        await qmp.execute("cont")
+        status = await _status(qmp)
+    if status != "running":
+        raise VmError(vm, f"is {status!r} after cont")
+
+
+def _end_earlier_attempt(registry: Path, vm: VmInfo) -> None:
+    """Kill a QEMU that a failed earlier attempt of the restore started.
+
+    The VM's old QEMU died at the kexec; any other published pid that runs is
+    ours, from an attempt that failed after starting it.
+    """
+    for other in registered_vms(registry):
+        if other.name == vm.name and other.pid != vm.pid and running(other.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other.pid, signal.SIGKILL)
+
+
+class QemuPlugin:
+    """Moves QEMU VMs across the kexec with their RAM in a preserved memfd."""
+
+    name = "qemu"
+
+    @hookimpl
+    async def lu_quiesce(self, ctx: StepContext) -> None:
+        chosen = _selected(ctx)
+        probes = _probes(ctx)
+        entries = []
+        for vm in chosen:
+            async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+                status = await _status(qmp)
+                if status != "running":
+                    raise VmError(vm.name, f"is {status!r}, not running")
+                params = await qmp.execute("query-migrate-parameters")
+                cpr = "mode" in params  # QEMU >= 8.2: cpr-reboot exists
+                await _set_migration(qmp, True, cpr)
+                entries.append({**vm.to_json(), "cpr": cpr, "qemu": qmp.version})
+                ctx.log.info(
+                    "VM %s (QEMU %s, pid %d): %s",
+                    vm.name,
+                    ".".join(map(str, qmp.version)),
+                    vm.pid,
+                    "cpr-reboot" if cpr else "x-ignore-shared",
+                )
+        ctx.record("vms", entries)
+        if probes:
+            ctx.record("probe", probes)
+
+    @hookimpl
+    async def lu_quiesce_rollback(self, ctx: StepContext) -> None:
+        """Every VM runs again, with its migration settings as before."""
+        for entry in ctx.recorded("vms", []):
+            vm = VmInfo.from_json(entry)
+            async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+                await _resume(qmp, vm.name)
+                await _set_migration(qmp, False, bool(entry["cpr"]))
+
+    @hookimpl
+    async def lu_preserve(self, ctx: StepContext) -> None:
+        for vm in _vms(ctx):
+            number = find_ram_fd(vm)
+            path = f"/proc/{vm.pid}/fd/{number}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise VmError(
+                    vm.name, f"cannot open its RAM at {path}: {exc.strerror}"
+                ) from exc
+            try:
+                await ctx.preserve(vm.name, fd)
+            finally:
+                os.close(fd)
+
+    @hookimpl
+    async def lu_freeze(self, ctx: StepContext) -> None:
+        """Stop every VM and save its device state; every VM or none."""
+        vms = _vms(ctx)
+        for vm in vms:
+            if not running(vm.pid):
+                raise VmError(vm.name, f"QEMU (pid {vm.pid}) died before the freeze")
+        state_dir = ctx.state_dir / "qemu"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        frozen: dict[str, Any] = {}
+        stopped: list[VmInfo] = []
+        try:
+            for vm in vms:
+                stopped.append(vm)
+                frozen[vm.name] = await self._freeze_one(ctx, vm, state_dir)
+        except BaseException:
+            with anyio.move_on_after(_qmp_timeout(ctx) * 2, shield=True):
+                for vm in stopped:
+                    try:
+                        async with open_qmp(vm.qmp) as qmp:
+                            await _resume(qmp, vm.name)
+                    except (QmpError, VmError) as exc:
+                        ctx.log.error("VM %s: cannot resume it: %s", vm.name, exc)
+            raise
+        ctx.record("frozen", frozen)
+
+    async def _freeze_one(
+        self, ctx: StepContext, vm: VmInfo, state_dir: Path
+    ) -> dict[str, Any]:
+        path = state_dir / f"{vm.name}.state"
+        cpr = bool(next(e["cpr"] for e in ctx.recorded("vms") if e["name"] == vm.name))
+        async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+            stop_wall = time.time()
+            await qmp.execute("stop")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                if cpr:
+                    await qmp.execute("migrate", {"uri": f"file:{path}"})
+                else:
+                    # The fd travels over the QMP socket: no shell, no helper process.
+                    await qmp.execute("getfd", {"fdname": STATE_FD_NAME}, fds=[fd])
+                    await qmp.execute("migrate", {"uri": f"fd:{STATE_FD_NAME}"})
+                done = await _wait_migration(qmp, vm.name, _migrate_timeout(ctx))
+                await anyio.to_thread.run_sync(os.fsync, fd)  # the kexec won't sync
+            finally:
+                os.close(fd)
+            probe = {
+                str(a): (await read_words(qmp, a))[0]
+                for a in _probes(ctx) or ctx.recorded("probe", [])
+            }
+            saved_wall = time.time()
+        size = path.stat().st_size
+        ctx.log.info(
+            "VM %s stopped; %d bytes of device state saved in %.3f s",
+            vm.name,
+            size,
+            saved_wall - stop_wall,
+        )
+        return {
+            "stop_wall": stop_wall,
+            "save_s": saved_wall - stop_wall,
+            "state_file": str(path),
+            "state_bytes": size,
+            "ram_transferred": done.get("ram", {}).get("transferred"),
+            "probe": probe,
+        }
+
+    @hookimpl
+    async def lu_freeze_rollback(self, ctx: StepContext) -> None:
+        for vm in _vms(ctx):
+            async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+                await _resume(qmp, vm.name)
+
+    @hookimpl
+    async def lu_restore(self, ctx: StepContext) -> None:
+        registry = _registry(ctx)
+        frozen = ctx.recorded("frozen", {})
+        restored, blackouts = [], {}
+        for entry in ctx.recorded("vms", []):
+            vm = VmInfo.from_json(entry)
+            _end_earlier_attempt(registry, vm)
+            with await ctx.retrieve(vm.name) as ram:
+                start = functools.partial(
+                    launch_vm,
+                    registry,
+                    vm.spec,
+                    ctx.kernel.spec,
+                    ram_fd=ram.fileno(),
+                    incoming=True,
+                )
+                new = await anyio.to_thread.run_sync(start)
+            saved = frozen[vm.name]
+            async with open_qmp(new.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+                await self._load(ctx, qmp, new, saved, bool(entry["cpr"]))
+                await qmp.execute("cont")
+                blackout = time.time() - float(saved["stop_wall"])
+            blackouts[vm.name] = round(blackout, 6)
+            restored.append(new.to_json())
+            ctx.log.info("VM %s runs again; blackout %.3f s", vm.name, blackout)
+        ctx.record("restored", restored)
+        ctx.record("vm_blackout_s", blackouts)
+        ctx.record("blackout_s", max(blackouts.values(), default=0.0))
+
+    async def _load(
+        self,
+        ctx: StepContext,
+        qmp: QmpClient,
+        vm: VmInfo,
+        saved: dict[str, Any],
+        cpr: bool,
+    ) -> None:
+        """Load the saved device state into the paused new QEMU and check RAM."""
+        await _set_migration(qmp, True, cpr)
+        path = str(saved["state_file"])
+        if cpr:
+            await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await qmp.execute("getfd", {"fdname": STATE_FD_NAME}, fds=[fd])
+            finally:
+                os.close(fd)
+            await qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD_NAME}"})
+        try:
+            with anyio.fail_after(_migrate_timeout(ctx)):
+                while True:
+                    status = await _status(qmp)
+                    if status != "inmigrate":
+                        break
+                    await anyio.sleep(0.01)
+        except QmpError as exc:
+            raise VmError(
+                vm.name,
+                f"loading the device state failed: {log_tail(vm.log) or exc}",
+            ) from exc
+        if status != "paused":
+            raise VmError(vm.name, f"is {status!r} after loading, expected 'paused'")
+        for address, value in saved.get("probe", {}).items():
+            (now,) = await read_words(qmp, int(address))
+            if now != value:
+                raise VmError(
+                    vm.name,
+                    f"guest RAM changed across the kexec: word at {int(address):#x} "
+                    f"is {now:#x}, was {value:#x}",
+                )
+
+    @hookimpl
+    async def lu_finish(self, ctx: StepContext) -> None:
+        for entry in ctx.recorded("restored", []):
+            vm = VmInfo.from_json(entry)
+            async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+                status = await _status(qmp)
+                if status != "running":
+                    raise VmError(vm.name, f"is {status!r} after the update")
+                cpr = bool(
+                    next(e["cpr"] for e in ctx.recorded("vms") if e["name"] == vm.name)
+                )
+                await _set_migration(qmp, False, cpr)
+        for saved in ctx.recorded("frozen", {}).values():
+            await anyio.Path(saved["state_file"]).unlink(missing_ok=True)

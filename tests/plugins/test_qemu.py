@@ -1,0 +1,149 @@
+"""Whole updates of a host running a real QEMU VM, on the simulated kernel.
+
+``liveupdate run`` runs in its own process; the simulated kexec SIGKILLs it and
+every registered participant -- the QEMU included -- after copying the
+preserved guest-RAM memfd into the next "boot". ``liveupdate resume`` then
+starts a new QEMU on that memory and loads the saved device state: the guest
+must go on from where it stopped, not boot again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from orchestrator._journal import read_journal
+from orchestrator.vmm import running
+
+from .conftest import (
+    BOOTS,
+    COUNTER,
+    assert_pattern,
+    status,
+    wait_counting,
+    words,
+)
+
+if TYPE_CHECKING:
+    from .conftest import VmHost
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBES = [hex(COUNTER), hex(BOOTS), "0x10000", "0x5fffc"]
+
+pytestmark = pytest.mark.kexec
+
+
+def playbook(host: VmHost, extra_freeze: list[dict[str, Any]] | None = None) -> Path:
+    image = host.state / "vmlinuz-next"
+    image.write_bytes(b"simulated kernel image\n")
+    qemu: dict[str, Any] = {"plugin": "qemu"}
+    phases: dict[str, list[dict[str, Any]]] = {
+        "quiesce": [{"plugin": "qemu", "with": {"vms": ["vm0"], "probe": PROBES}}],
+        "preserve": [qemu],
+        "prepare": [{"plugin": "kexec"}],
+        "freeze": [qemu, *(extra_freeze or [])],
+        "restore": [qemu],
+        "finish": [qemu],
+    }
+    doc = {
+        "name": "qemu-test",
+        "kernel": host.kernel.spec,
+        "state_dir": str(host.state),
+        "next_kernel": {"image": str(image), "cmdline": "liveupdate=on"},
+        "blackout_budget": "120s",  # a loaded 2-core host; nothing is timed here
+        "defaults": {"timeout": "180s"},
+        "phases": {p: {"steps": s} for p, s in phases.items()},
+    }
+    path = host.state / "playbook.yaml"
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
+def liveupdate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+
+
+def step_records(host: VmHost, phase: str) -> dict[str, Any]:
+    (end,) = [
+        r
+        for r in read_journal(host.state)
+        if r["event"] == "step_end"
+        and r["phase"] == phase
+        and r["plugin"] == "qemu"
+        and r["ok"]
+    ]
+    records: dict[str, Any] = end["records"]
+    return records
+
+
+def test_vm_survives_the_kexec(vm_host: VmHost) -> None:
+    old = vm_host.vm
+    book = playbook(vm_host)
+    boot = vm_host.kernel.boot_id()
+
+    run = liveupdate("run", str(book))
+    assert run.returncode == -signal.SIGKILL, run.stdout + run.stderr
+    assert vm_host.kernel.boot_id() != boot
+    assert not running(old.pid), "the kexec ends the old QEMU"
+    frozen = step_records(vm_host, "freeze")["frozen"]["vm0"]
+    at_stop = frozen["probe"][str(COUNTER)]
+    assert frozen["state_bytes"] > 0
+
+    resume = liveupdate("resume", str(book))
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    state = json.loads(
+        liveupdate("status", "--state-dir", str(vm_host.state), "--json").stdout
+    )
+    assert (state["state"], state["outcome"]) == ("NORMAL", "completed")
+
+    records = step_records(vm_host, "restore")
+    assert records["blackout_s"] > 0
+    assert set(records["vm_blackout_s"]) == {"vm0"}
+
+    new = vm_host.current()
+    assert new.pid != old.pid
+    assert running(new.pid)
+    assert status(new.qmp) == "running"
+    assert_pattern(new.qmp)
+    counter, boots = words(new.qmp, COUNTER, 2)
+    assert boots == 1, "the guest booted again instead of going on"
+    assert counter >= at_stop, f"counter {counter:#x} < {at_stop:#x} at the stop"
+    wait_counting(new.qmp, above=counter)  # and it keeps counting
+    assert not Path(frozen["state_file"]).exists(), "finish removes the state file"
+    assert liveupdate("resume", str(book)).stdout.startswith("nothing to resume")
+
+
+def test_cancel_in_freeze_resumes_the_same_vm(vm_host: VmHost) -> None:
+    vm = vm_host.vm
+    book = playbook(vm_host, [{"plugin": "faults", "with": {"fail": "boom"}}])
+    boot = vm_host.kernel.boot_id()
+
+    run = liveupdate("run", str(book))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "boom" in run.stdout
+    assert vm_host.kernel.boot_id() == boot, "no kexec may happen"
+    state = json.loads(
+        liveupdate("status", "--state-dir", str(vm_host.state), "--json").stdout
+    )
+    assert (state["state"], state["outcome"]) == ("NORMAL", "cancelled")
+
+    assert vm_host.current().pid == vm.pid
+    assert running(vm.pid)
+    assert status(vm.qmp) == "running"
+    assert_pattern(vm.qmp)
+    counter, boots = words(vm.qmp, COUNTER, 2)
+    assert boots == 1
+    wait_counting(vm.qmp, above=counter)
