@@ -461,10 +461,12 @@ class Engine:
             )
             await anyio.to_thread.run_sync(retriever.open_sessions, names)
         run.retriever = retriever
-        self._state(State.UPDATED, liveupdate_number=_number(self.kernel))
+        self._state(State.UPDATED)
         try:
             await self._run_phase(run, Phase.RESTORE, [])
             self._log("blackout_end")
+            # Reading the kernel log is not blackout work: only now.
+            self._log("kernel", liveupdate_number=_number(self.kernel))
             await self._run_phase(run, Phase.FINISH, [])
             await anyio.to_thread.run_sync(retriever.finish)
             self._log("kernel_finish")

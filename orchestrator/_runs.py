@@ -164,12 +164,12 @@ def parse_run(records: list[dict[str, Any]]) -> Run:
             run.boots.append(rec["boot_id"])
             if len(run.boots) > 1 and run.next_boot is None:
                 run.next_boot = float(rec["wall"])
+        if rec.get("liveupdate_number") is not None:  # the "kernel" record
+            run.liveupdate_number = int(rec["liveupdate_number"])
         if ev == "abi":
             run.abi = rec.get("abi")
         elif ev == "state":
             run.states.append((rec["state"], float(rec["wall"])))
-            if rec.get("liveupdate_number") is not None:
-                run.liveupdate_number = int(rec["liveupdate_number"])
         elif ev == "phase_start":
             phase_starts[rec["phase"]] = rec
             open_phase = rec["phase"]
