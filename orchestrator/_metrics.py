@@ -76,6 +76,8 @@ BUCKETS: tuple[float, ...] = (
 METRIC_NAMES = (
     "liveupdate_phase_duration_seconds",
     "liveupdate_blackout_seconds",
+    "liveupdate_vm_blackout_seconds",
+    "liveupdate_last_plugin_blackout_seconds",
     "liveupdate_hook_duration_seconds",
     "liveupdate_hook_retries_total",
     "liveupdate_updates_total",
@@ -131,6 +133,12 @@ def families(observed: Sequence[Run], every: Sequence[Run]) -> Iterator[Metric]:
         "workload restored in the new kernel (wall clock, across the kexec)",
         [],
     )
+    vm_h = _Histogram(
+        "liveupdate_vm_blackout_seconds",
+        "How long each VM was paused: QMP stop in the old kernel to cont in "
+        "the new one (wall clock, recorded by the qemu plugin)",
+        [],
+    )
     hook_h = _Histogram(
         "liveupdate_hook_duration_seconds",
         "Duration of a plugin's hook in a phase, retries included",
@@ -144,6 +152,8 @@ def families(observed: Sequence[Run], every: Sequence[Run]) -> Iterator[Metric]:
             phase_h.observe((span.phase,), span.seconds)
         if run.blackout_s is not None:
             blackout_h.observe((), run.blackout_s)
+        for seconds in run.vm_blackouts:
+            vm_h.observe((), seconds)
         for span in run.steps:
             key = (span.plugin or "unknown", span.phase)
             hook_h.observe(key, span.seconds)
@@ -158,6 +168,7 @@ def families(observed: Sequence[Run], every: Sequence[Run]) -> Iterator[Metric]:
             cancelled[phase] = cancelled.get(phase, 0) + 1
     yield phase_h.family()
     yield blackout_h.family()
+    yield vm_h.family()
     yield hook_h.family()
     fam = CounterMetricFamily(
         "liveupdate_hook_retries",
@@ -204,6 +215,19 @@ def _gauges(runs: Sequence[Run]) -> Iterator[Metric]:
             "Blackout window of the most recent update that had one",
             value=with_blackout[-1].blackout_s,
         )
+    with_plugin_blackouts = [r for r in runs if r.plugin_blackouts]
+    if with_plugin_blackouts:
+        fam = GaugeMetricFamily(
+            "liveupdate_last_plugin_blackout_seconds",
+            "Longest pause of the workloads a plugin restored in the most "
+            "recent update (e.g. the qemu plugin: VM stop to cont)",
+            labels=["plugin"],
+        )
+        for plugin, seconds in sorted(
+            with_plugin_blackouts[-1].plugin_blackouts.items()
+        ):
+            fam.add_metric([plugin], seconds)
+        yield fam
     with_phases = [r for r in runs if r.phases]
     if with_phases:
         fam = GaugeMetricFamily(

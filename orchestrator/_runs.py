@@ -110,6 +110,8 @@ class Run:
     liveupdate_number: int | None = None
     preserved_fds: int = 0
     preserved_bytes: int | None = None
+    plugin_blackouts: dict[str, float] = field(default_factory=dict)
+    vm_blackouts: list[float] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -229,6 +231,15 @@ def parse_run(records: list[dict[str, Any]]) -> Run:
                 records_by_plugin[plugin] = rec.get("records") or {}
                 if rec.get("manifest"):
                     manifests[plugin] = rec["manifest"]
+                if rec["phase"] == "restore":
+                    # A plugin that brings workloads back may record how long
+                    # each was paused (the qemu plugin: per VM, stop to cont).
+                    recorded = rec.get("records") or {}
+                    if recorded.get("blackout_s") is not None:
+                        run.plugin_blackouts[plugin] = float(recorded["blackout_s"])
+                    run.vm_blackouts.extend(
+                        float(v) for v in (recorded.get("vm_blackout_s") or {}).values()
+                    )
         elif ev == "retry":
             start = step_starts.get((rec["phase"], rec["step"]), {})
             run.retries.append(

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from orchestrator._journal import read_journal
+from orchestrator._metrics import register_metrics
 from orchestrator.vmm import running
 
 from .conftest import (
@@ -112,6 +114,16 @@ def test_vm_survives_the_kexec(vm_host: VmHost) -> None:
     records = step_records(vm_host, "restore")
     assert records["blackout_s"] > 0
     assert set(records["vm_blackout_s"]) == {"vm0"}
+    # ...and exported through the engine's metrics, equal to the journal's.
+    registry = CollectorRegistry()
+    register_metrics(registry, vm_host.state, history=False)
+    assert registry.get_sample_value(
+        "liveupdate_last_plugin_blackout_seconds", {"plugin": "qemu"}
+    ) == pytest.approx(records["blackout_s"])
+    assert registry.get_sample_value("liveupdate_vm_blackout_seconds_count") == 1
+    assert registry.get_sample_value(
+        "liveupdate_vm_blackout_seconds_sum"
+    ) == pytest.approx(records["vm_blackout_s"]["vm0"])
 
     new = vm_host.current()
     assert new.pid != old.pid
