@@ -86,21 +86,25 @@ def _load(
 ) -> tuple[Playbook, Kernel, Path, PluginManager]:
     """The playbook, kernel, state dir and plugin manager a command works with.
 
-    :param in_blackout: resume after a kexec: load third-party plugins only if
-        the playbook names one (scanning the installed distributions for entry
-        points is slow); otherwise all are loaded, so that a misspelt hook
-        fails at start-up.
+    :param in_blackout: resume after a kexec: load only the built-in plugins
+        the playbook names, and third-party ones only if it names one
+        (importing every plugin and scanning the installed distributions for
+        entry points is slow); otherwise all are loaded, so that a misspelt
+        hook fails at start-up.
     """
     from ._engine import plugin_manager
     from ._playbook import load_playbook
     from .luo import kernel_from_spec
 
-    pm = plugin_manager(load_entry_points=not in_blackout)
-    known = {name for name, _ in pm.list_name_plugin()}
-    playbook = load_playbook(
-        args.playbook, known_plugins=None if in_blackout else known
-    )
-    if in_blackout and any(step.plugin not in known for step in playbook.steps()):
+    if in_blackout:
+        playbook = load_playbook(args.playbook)
+        named = {step.plugin for step in playbook.steps()}
+        pm = plugin_manager(load_entry_points=False, builtins=named)
+        if named - {name for name, _ in pm.list_name_plugin()}:
+            pm = plugin_manager(builtins=named)  # a third-party plugin is named
+            known = {name for name, _ in pm.list_name_plugin()}
+            playbook = load_playbook(args.playbook, known_plugins=known)
+    else:
         pm = plugin_manager()
         known = {name for name, _ in pm.list_name_plugin()}
         playbook = load_playbook(args.playbook, known_plugins=known)

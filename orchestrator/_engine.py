@@ -34,7 +34,7 @@ from ._resume import Plan, remove_plan, write_plan
 from .luo import KexecError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Collection, Iterable
     from pathlib import Path
 
     from tenacity import RetryCallState
@@ -64,16 +64,19 @@ class Reporter(Protocol):
 
 
 def plugin_manager(
-    load_entry_points: bool = True, extra: Iterable[object] = ()
+    load_entry_points: bool = True,
+    extra: Iterable[object] = (),
+    builtins: Collection[str] | None = None,
 ) -> pluggy.PluginManager:
-    """A plugin manager with the built-in plugins, *extra* ones (each with a
-    ``name``) and the installed third-party ones."""
+    """A plugin manager with the built-in plugins (all, or those named in
+    *builtins*), *extra* ones (each with a ``name``) and the installed
+    third-party ones."""
     from plugins import BUILTINS
 
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PhaseSpecs)
     try:
-        for plugin in [*BUILTINS(), *extra]:
+        for plugin in [*BUILTINS(builtins), *extra]:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
