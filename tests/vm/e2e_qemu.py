@@ -1,0 +1,210 @@
+"""Scenario ``qemu``: a nested QEMU VM kept across a real kexec (opt-in).
+
+The host assembles the plugin tests' boot-sector guest
+(``tests/plugins/guest/boot.S``: fills RAM with a pattern, then counts) into
+the scenario's out share before booting. Inside the LUO guest
+(:mod:`tests.vm.qemu_guest`) a nested QEMU (TCG inside TCG) runs it; the
+``qemu`` plugin stops it, preserves its guest-RAM memfd through the real
+/dev/liveupdate, kexecs, and a new QEMU goes on from where it stopped. The
+nested VM's blackout (QMP ``stop`` -> ``cont``) is the restore step's
+``blackout_s``.
+
+Run with ``python -m tests.vm.e2e --only qemu`` (not part of the default set).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tests.vm.e2e_engine import Timeline
+from tests.vm.harness import (
+    Scenario,
+    Stage,
+    new_out_dir,
+    python_argv,
+    run_scenario,
+)
+from tests.vm.report import (
+    host_t,
+    kexec_lines,
+    liveupdate_numbers,
+    print_timeline,
+    section,
+)
+
+if TYPE_CHECKING:
+    import argparse
+
+    from tests.vm.harness import Result
+    from tests.vm.kernel import Kernel
+
+BOOT_S = Path(__file__).resolve().parents[1] / "plugins" / "guest" / "boot.S"
+GUEST_OUT = "/run/luo-vm/out"  # == tests.vm.guest_init.OUT_MOUNT
+NESTED_MIB = 32
+
+
+def build_boot_image(out: Path) -> Path:
+    """Assemble the boot sector into *out*/boot.img (as in tests/plugins)."""
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"{tool} is not installed")
+    obj = out / "boot.o"
+    image = out / "boot.img"
+    subprocess.run(
+        ["as", "--32", "-o", str(obj), str(BOOT_S)], check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            *("ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary"),
+            *("-o", str(image), str(obj)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    data = image.read_bytes()
+    if len(data) != 512 or data[-2:] != b"\x55\xaa":
+        raise RuntimeError(f"{image}: not a 512-byte boot sector")
+    return image
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def qemu_scenario(mib: int = NESTED_MIB, timeout: float = 900.0) -> Scenario:
+    return Scenario(
+        "qemu",
+        stages=(
+            Stage(
+                "pre",
+                python_argv(
+                    "-m",
+                    "tests.vm.qemu_guest",
+                    "pre",
+                    "--image",
+                    f"{GUEST_OUT}/boot.img",
+                    "--mib",
+                    str(mib),
+                ),
+            ),
+            Stage("post", python_argv("-m", "tests.vm.qemu_guest", "post")),
+        ),
+        timeout=timeout,
+    )
+
+
+def nested_breakdown(
+    result: Result, journal: list[dict[str, Any]], stop_wall: object
+) -> float | None:
+    """The nested VM's blackout on the host's serial clock; its stop -> cont span."""
+    tl = Timeline(result, journal)
+    t_stop = host_t(result, 1, stop_wall) if isinstance(stop_wall, float) else None
+    t_reboot = tl.mark("lu.reboot_kexec", 1)
+    _start, first_new, exec_init = kexec_lines(result, t_reboot or 0.0)
+    t_fd = tl.mark("lu.RETRIEVE_FD.1", 2)
+    spawns = sorted(t for _, t in tl.marks("lu.spawn.", 2))
+    t_spawn = next((t for t in spawns if t_fd is not None and t >= t_fd), None)
+    t_cont = tl.journal_t("step_end", phase="restore", plugin="qemu")
+    rows: list[tuple[str, float | None]] = [
+        ("nested VM: QMP stop (freeze step, stop_wall)", t_stop),
+        ("freeze phase done (journal 'kexec' record)", tl.journal_t("kexec")),
+        ("reboot(KEXEC) syscall", t_reboot),
+        ("new kernel: first console output", first_new.t if first_new else None),
+        ("new kernel: exec init", exec_init.t if exec_init else None),
+        ("init running (Python up)", tl.mark("init.start", 2)),
+        ("liveupdate resume: Python up", tl.mark("resume.start", 2)),
+        ("sessions retrieved", tl.mark("lu.RETRIEVE_SESSION.1.after", 2)),
+        ("restore phase start (journal)", tl.journal_t("phase_start", phase="restore")),
+        ("RETRIEVE_FD (guest-RAM memfd)", t_fd),
+        ("new nested QEMU spawned (-incoming defer)", t_spawn),
+        ("restore step end: state loaded, probes ok, cont", t_cont),
+        ("FINISH done: kernel_finish (journal)", tl.journal_t("kernel_finish")),
+    ]
+    print_timeline(rows, t_reboot)
+    if t_stop is None or t_cont is None:
+        return None
+    print(f"\n  nested VM blackout stop -> cont, host clock: {t_cont - t_stop:8.3f} s")
+    if t_spawn is not None:
+        print(
+            f"    of which new QEMU start + load + cont:    {t_cont - t_spawn:8.3f} s"
+        )
+    return t_cont - t_stop
+
+
+def run_qemu(kernel: Kernel, args: argparse.Namespace) -> list[str]:
+    scenario = qemu_scenario(NESTED_MIB, max(args.timeout, 900.0))
+    out_dir = new_out_dir(scenario)
+    build_boot_image(out_dir)
+    result = run_scenario(
+        scenario, kernel, out_dir=out_dir, echo=not args.quiet, accel=args.accel
+    )
+    failures = list(result.failures())
+
+    section("qemu: liveupdate number lines")
+    if not liveupdate_numbers(result):
+        failures.append("no 'liveupdate number' line in the new kernel's log")
+
+    section("qemu: nested VM before the kexec")
+    pre = result.read_json("qemu-pre.json")
+    if pre is None:
+        failures.append("no qemu-pre.json: the pre stage did not report")
+    else:
+        version = str(pre.get("qemu_version") or "?").splitlines()[0]
+        print(f"  nested QEMU        {version}")
+        for key in ("pid", "launch_s", "counting_after_s", "counter"):
+            print(f"  {key:18} {pre.get(key)}")
+        if pre.get("error"):
+            failures.append(f"pre: {pre['error']}")
+
+    section("qemu: nested VM after the kexec")
+    post = result.read_json("qemu-post.json")
+    if post is None:
+        failures.append("no qemu-post.json: the post stage did not report")
+    else:
+        checks = _dict(post.get("checks"))
+        for name, ok in checks.items():
+            print(f"  {'OK  ' if ok else 'FAIL'} {name}")
+            if not ok:
+                failures.append(f"qemu post: {name}")
+        if post.get("error"):
+            failures.append(f"qemu post: {post['error']}")
+        frozen = _dict(post.get("frozen"))
+        status = _dict(post.get("status"))
+        print(
+            f"  counter at stop {post.get('counter_at_stop')}, after "
+            f"{post.get('counter_after')}, later {post.get('counter_later')}; "
+            f"boots {post.get('boots')}; status {post.get('vm_status')}"
+        )
+        print(
+            f"  device state {frozen.get('state_bytes')} bytes, saved in "
+            f"{frozen.get('save_s')} s; RAM in the stream "
+            f"{frozen.get('ram_transferred')} bytes"
+        )
+        print(
+            f"  liveupdate status: {status.get('state')}/{status.get('outcome')}, "
+            f"orchestrator blackout_s {status.get('blackout_s')}"
+        )
+        print(
+            f"  NESTED VM BLACKOUT (QMP stop -> cont, journal restore step "
+            f"blackout_s): {post.get('blackout_s')} s"
+        )
+        if not checks:
+            failures.append("qemu post: no checks reported")
+        section("qemu: nested VM blackout breakdown (host serial clock)")
+        journal = post.get("journal")
+        nested_breakdown(
+            result,
+            journal if isinstance(journal, list) else [],
+            frozen.get("stop_wall"),
+        )
+
+    section("qemu: summary")
+    print(f"out dir     {result.out_dir}")
+    print(f"qemu        exit {result.qemu_returncode}, {result.elapsed:.1f} s wall")
+    print(f"boots       {result.boots()}")
+    for name, st in result.statuses.items():
+        print(f"stage {name:5} rc={st.rc} (boot {st.boot})")
+    return failures
