@@ -120,15 +120,15 @@ def main() -> None:
         cwd=ROOT,
         check=True,
     )
+    # The command the boot unit runs: the installed console script.
+    liveupdate = str(Path(sys.executable).with_name("liveupdate"))
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         snapshot, book = prepare(base)
         state = base / "run"
         env = {**os.environ, "LIVEUPDATE_EXIT_AFTER": "first-kernel-call"}
         resume = [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
+            liveupdate,
             "resume",
             str(book),
             "--state-dir",
@@ -144,9 +144,7 @@ def main() -> None:
         plan.write_text(re.sub(r"(?m)^kernel sim:.*$", "kernel real", plan.read_text()))
         assert "kernel real" in plan.read_text()
         resume_real = [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
+            liveupdate,
             "resume",
             str(book),
             "--state-dir",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
@@ -138,12 +137,13 @@ def shmem_can_preserve(fd: int) -> bool:
 
 def _fs_type(path: str) -> str:
     best, kind = "", ""
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            mnt = parts[1]
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(
-                mnt
-            ) > len(best):
-                best, kind = mnt, parts[2]
+    try:
+        with open("/proc/self/mounts") as mounts:
+            table = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return kind
+    for mnt, fstype in table:
+        under = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+        if under and len(mnt) > len(best):
+            best, kind = mnt, fstype
     return kind
