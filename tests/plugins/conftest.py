@@ -13,66 +13,27 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import anyio
 import pytest
 
 from orchestrator.luo.sim import SimKernel
-from orchestrator.vmm import QEMU, VmInfo, VmSpec, launch_vm, open_qmp, read_words
+from orchestrator.vmm import QEMU, VmInfo, VmSpec, launch_vm
+
+from .guest_vm import pattern_damage, wait_counting
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 GUEST = Path(__file__).with_name("guest") / "boot.S"
-COUNTER = 0x9000
-BOOTS = 0x9004
-MARKER = 0x9008
-MARKER_VALUE = 0x600D600D
-PATTERN = 0x214F554C  # "LUO!"
-PATTERN_AT = (0x10000, 0x2A0C0, 0x3FFFC, 0x5FFF0)
 WAIT = 120.0
 """Seconds to wait for anything a busy 2-core host may be slow at (never asserted)."""
 
 
-def words(qmp_path: str, address: int, count: int = 1) -> list[int]:
-    """Guest words read through a short QMP session (from synchronous code)."""
-
-    async def read() -> list[int]:
-        async with open_qmp(qmp_path, command_timeout=60) as qmp:
-            return await read_words(qmp, address, count)
-
-    return anyio.run(read)
-
-
-def status(qmp_path: str) -> str:
-    async def query() -> str:
-        async with open_qmp(qmp_path, command_timeout=60) as qmp:
-            reply = await qmp.execute("query-status")
-            return str(reply["status"])
-
-    return anyio.run(query)
-
-
-def wait_counting(qmp_path: str, above: int = 0) -> int:
-    """Poll until the guest's counter is above *above* (and the fill is done)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        counter, _boots, marker = words(qmp_path, COUNTER, 3)
-        if marker == MARKER_VALUE and counter > above:
-            return counter
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the guest counter stayed at {counter:#x}")
-        time.sleep(0.05)
-
-
 def assert_pattern(qmp_path: str) -> None:
-    for address in PATTERN_AT:
-        assert words(qmp_path, address, 4) == [PATTERN] * 4, f"RAM at {address:#x}"
-    assert words(qmp_path, MARKER)[0] == MARKER_VALUE
+    assert pattern_damage(qmp_path) == {}, "the guest's RAM pattern changed"
 
 
 @pytest.fixture(scope="session")

@@ -23,20 +23,14 @@ from orchestrator._journal import read_journal
 from orchestrator._metrics import register_metrics
 from orchestrator.vmm import running
 
-from .conftest import (
-    BOOTS,
-    COUNTER,
-    assert_pattern,
-    status,
-    wait_counting,
-    words,
-)
+from .conftest import assert_pattern
+from .guest_vm import COUNTER, PROBES, wait_counting, words
+from .guest_vm import qmp_status as status
 
 if TYPE_CHECKING:
     from .conftest import VmHost
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBES = [hex(COUNTER), hex(BOOTS), "0x10000", "0x5fffc"]
 
 pytestmark = pytest.mark.kexec
 

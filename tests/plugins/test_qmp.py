@@ -22,7 +22,7 @@ from orchestrator.vmm import (
     read_words,
 )
 
-from .conftest import COUNTER, wait_counting
+from .guest_vm import COUNTER, wait_counting
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import statistics
 import sys
 import time
@@ -44,18 +43,10 @@ from tests.vm.harness import (
     run_scenario,
 )
 from tests.vm.kernel import Kernel, KernelBuildError, ensure_kernel
+from tests.vm.report import LU_NUMBER, LUO_LINES, PRINTK_TIME, first_after, section
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-
-LUO_LINES = re.compile(r"^(?!.*ommand line:).*(liveupdate|luo:|KHO)", re.IGNORECASE)
-LU_NUMBER = re.compile(r"liveupdate number: (\d+)")
-PRINTK_TIME = re.compile(r"^\[\s*(\d+\.\d+)\]")
-
-
-def _section(title: str) -> None:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
-
 
 # --------------------------------------------------------------------------- floor
 
@@ -76,16 +67,6 @@ def floor_scenario(
 Row = tuple[str, SerialLine | None, Mark | None]
 
 
-def _first_after(
-    result: Result, pattern: str, after: float, before: float = float("inf")
-) -> SerialLine | None:
-    rx = re.compile(pattern)
-    for ln in result.serial:
-        if after <= ln.t < before and ln.source == "serial" and rx.search(ln.text):
-            return ln
-    return None
-
-
 def blackout_rows(result: Result) -> list[Row]:
     """The timeline of the kexec, from host serial timestamps (boot 1 -> boot 2)."""
 
@@ -101,7 +82,7 @@ def blackout_rows(result: Result) -> list[Row]:
     reboot = mk("floor.reboot", 1)
     rows.append(_label("reboot(KEXEC) syscall", reboot))
     t0 = reboot[1].t if reboot[1] else 0.0
-    new_banner = _first_after(result, r"Linux version \d", t0)
+    new_banner = first_after(result, r"Linux version \d", t0)
     t_banner = new_banner.t if new_banner else float("inf")
     last_old = None
     for ln in result.serial:
@@ -121,7 +102,7 @@ def blackout_rows(result: Result) -> list[Row]:
     rows.append(
         (
             "new kernel: KHO found handover data",
-            _first_after(result, r"KHO: found", t0),
+            first_after(result, r"KHO: found", t0),
             None,
         )
     )
@@ -130,28 +111,28 @@ def blackout_rows(result: Result) -> list[Row]:
     rows.append(
         (
             "new kernel: mm_core_init start",
-            _first_after(result, "mem auto-init:", t0),
+            first_after(result, "mem auto-init:", t0),
             None,
         )
     )
     rows.append(
         (
             "new kernel: mm_core_init done (SLUB)",
-            _first_after(result, "SLUB: ", t0),
+            first_after(result, "SLUB: ", t0),
             None,
         )
     )
     rows.append(
         (
             "new kernel: luo retrieved (number N)",
-            _first_after(result, LU_NUMBER.pattern, t0),
+            first_after(result, LU_NUMBER.pattern, t0),
             None,
         )
     )
     rows.append(
         (
             "new kernel: exec init",
-            _first_after(result, r"Run .* as init process", t0),
+            first_after(result, r"Run .* as init process", t0),
             None,
         )
     )
@@ -287,7 +268,7 @@ def run_floor(kernel: Kernel, args: argparse.Namespace) -> list[str]:
     result = run_scenario(scenario, kernel, echo=not args.quiet, accel=args.accel)
     failures = list(result.failures())
 
-    _section("floor: kernel LUO/KHO lines")
+    section("floor: kernel LUO/KHO lines")
     for ln in result.kernel_lines(LUO_LINES):
         print(ln)
     numbers = [
@@ -296,7 +277,7 @@ def run_floor(kernel: Kernel, args: argparse.Namespace) -> list[str]:
     if not numbers:
         failures.append("no 'liveupdate number: N' line in the new kernel's log")
 
-    _section("floor: verification")
+    section("floor: verification")
     post = result.read_json("floor-post.json")
     if post is None:
         failures.append("no floor-post.json: the post stage did not report")
@@ -312,13 +293,13 @@ def run_floor(kernel: Kernel, args: argparse.Namespace) -> list[str]:
         if not post.get("ok"):
             failures.append("memfd contents differ after the kexec")
 
-    _section(f"floor: blackout breakdown ({result.accel}, {args.mib} MiB memfd)")
+    section(f"floor: blackout breakdown ({result.accel}, {args.mib} MiB memfd)")
     print_blackout(result)
     args.floor_times = floor_times(result)
     print()
     _guest_durations(result)
 
-    _section("floor: summary")
+    section("floor: summary")
     print(f"kernel      {kernel.key} ({kernel.bzimage})")
     print(f"accel       {result.accel}")
     print(f"out dir     {result.out_dir}")
@@ -409,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         selected.insert(0, "floor")  # the engine's blackout is compared with it
 
     t0 = time.monotonic()
-    _section("kernel")
+    section("kernel")
     try:
         kernel = ensure_kernel(refresh=args.refresh_kernel)
     except KernelBuildError as e:
@@ -425,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: dict[str, list[str]] = {}
     took: dict[str, float] = {}
     for name in selected:
-        _section(f"scenario {name}")
+        section(f"scenario {name}")
         t1 = time.monotonic()
         try:
             errs = SCENARIOS[name](kernel, args)
@@ -438,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if errs:
             failed[name] = errs
 
-    _section("result")
+    section("result")
     print(f"{'scenario':10} {'result':6} {'time':>8}")
     for name in selected:
         errs = failed.get(name, [])

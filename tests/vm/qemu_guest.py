@@ -24,6 +24,9 @@ from __future__ import annotations
 import os
 import sys
 
+from tests.plugins import guest_vm
+from tests.plugins.guest_vm import COUNTER, PROBES
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -34,67 +37,20 @@ PLAYBOOK = OUT + "/qemu-playbook.yaml"
 REGISTRY = "/run/luo-qemu"
 VM = "vm0"
 
-# == tests/plugins/conftest.py (the boot sector's layout)
-COUNTER = 0x9000
-BOOTS = 0x9004
-MARKER = 0x9008
-MARKER_VALUE = 0x600D600D
-PATTERN = 0x214F554C  # "LUO!"
-PATTERN_AT = (0x10000, 0x2A0C0, 0x3FFFC, 0x5FFF0)
-PROBES = [hex(COUNTER), hex(BOOTS), "0x10000", "0x5fffc"]
 WAIT = 300.0  # TCG in TCG: slow, never asserted
+QMP_TIMEOUT = 120.0
 
 
 def words(qmp_path: str, address: int, count: int = 1) -> list[int]:
-    import anyio
-
-    from orchestrator.vmm import open_qmp, read_words
-
-    async def read() -> list[int]:
-        async with open_qmp(qmp_path, command_timeout=120) as qmp:
-            return await read_words(qmp, address, count)
-
-    return anyio.run(read)
+    return guest_vm.words(qmp_path, address, count, QMP_TIMEOUT)
 
 
 def qmp_status(qmp_path: str) -> str:
-    import anyio
-
-    from orchestrator.vmm import open_qmp
-
-    async def query() -> str:
-        async with open_qmp(qmp_path, command_timeout=120) as qmp:
-            reply = await qmp.execute("query-status")
-            return str(reply["status"])
-
-    return anyio.run(query)
+    return guest_vm.qmp_status(qmp_path, QMP_TIMEOUT)
 
 
 def wait_counting(qmp_path: str, above: int = 0) -> int:
-    """Poll until the counter is above *above* (and the fill is done)."""
-    import time
-
-    deadline = time.monotonic() + WAIT
-    while True:
-        counter, _boots, marker = words(qmp_path, COUNTER, 3)
-        if marker == MARKER_VALUE and counter > above:
-            return counter
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the nested guest's counter stayed at {counter:#x}")
-        time.sleep(0.1)
-
-
-def pattern_ok(qmp_path: str) -> dict[str, list[int]]:
-    """The pattern's words that differ (address -> words read); empty = intact."""
-    bad = {}
-    for address in PATTERN_AT:
-        got = words(qmp_path, address, 4)
-        if got != [PATTERN] * 4:
-            bad[hex(address)] = got
-    (marker,) = words(qmp_path, MARKER)
-    if marker != MARKER_VALUE:
-        bad[hex(MARKER)] = [marker]
-    return bad
+    return guest_vm.wait_counting(qmp_path, above, WAIT)
 
 
 def write_playbook(path: str) -> None:
@@ -209,7 +165,7 @@ def stage_pre(image: str, mib: int) -> int:
     try:
         counter = wait_counting(info.qmp)
         report["counting_after_s"] = time.monotonic() - t0
-        bad = pattern_ok(info.qmp)
+        bad = guest_vm.pattern_damage(info.qmp, QMP_TIMEOUT)
         later = wait_counting(info.qmp, above=counter)
     except Exception as exc:  # noqa: BLE001 - reported to the host
         _copy_log("pre")
@@ -276,7 +232,7 @@ def stage_post() -> int:
         st = qmp_status(info.qmp)
         report["vm_status"] = st
         checks["status running"] = st == "running"
-        bad = pattern_ok(info.qmp)
+        bad = guest_vm.pattern_damage(info.qmp, QMP_TIMEOUT)
         report["pattern_bad"] = bad
         checks["pattern intact"] = not bad
         counter, boots = words(info.qmp, COUNTER, 2)
