@@ -15,15 +15,16 @@ if TYPE_CHECKING:
 
     from pluggy import PluginManager
 
+    from ._keeper import Keeper
     from ._playbook import Playbook
-    from ._preserve import Retriever
     from ._resume import Plan
     from .luo import Kernel
 
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
-PREFETCHED: tuple[Plan, Retriever] | None = None
-"""Sessions ``orchestrator._resume`` retrieved before the CLI was even parsed."""
+EXIT_UNFINISHED = 6
+PREFETCHED: tuple[Plan, Keeper] | None = None
+"""The plan, and the keeper that retrieved its sessions before the CLI was parsed."""
 
 
 class Printer:
@@ -229,6 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
     from ._engine import Engine, check_playbook
+    from ._errors import UnfinishedUpdateError
 
     control = _agent_socket(args)
     if control is not None:
@@ -240,21 +242,66 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 2
     engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
-    outcome = anyio.run(engine.run)
+    try:
+        outcome = anyio.run(engine.run)
+    except UnfinishedUpdateError as exc:
+        print(f"liveupdate: {exc}", file=sys.stderr)
+        return EXIT_UNFINISHED
+    if engine.journal_error is not None:
+        print(
+            f"liveupdate: {engine.journal_error}; the update was undone all the "
+            f"same, but the journal could not say so: once the disk is fixed, "
+            f"run 'liveupdate resume {args.playbook} --state-dir {state}' to "
+            "close it",
+            file=sys.stderr,
+        )
     return _finish_message(outcome, state)
+
+
+def _held_hint(state: Path) -> str:
+    """Where the retrieved data is while no resume runs, for error messages."""
+    from ._keeper import Keeper, KeeperError
+
+    try:
+        keeper = Keeper.connect(state)
+    except KeeperError:
+        return ""
+    if keeper is None:
+        return ""
+    keeper.close()
+    return (
+        f"; nothing is lost: the preserved data is held by the keeper "
+        f"(pid {keeper.pid}) until resume completes"
+    )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     import anyio
 
     from ._engine import Engine, Outcome
+    from ._errors import OrchestratorError
 
-    playbook, kernel, state, pm = _load(args, in_blackout=PREFETCHED is not None)
-    engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
-    outcome = anyio.run(engine.resume, PREFETCHED)
+    state = Path(args.state_dir) if args.state_dir else None
+    try:
+        playbook, kernel, state, pm = _load(args, in_blackout=PREFETCHED is not None)
+        engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
+        outcome = anyio.run(engine.resume, PREFETCHED)
+    except OrchestratorError as exc:
+        hint = _held_hint(state) if state is not None else ""
+        print(
+            f"liveupdate: {exc}{hint}. Fix this, then run the same command again.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if outcome is Outcome.NOTHING:
         print("nothing to resume: no update in progress")
         return 0
+    if outcome is Outcome.FAILED and engine.state_after_kexec():
+        print(
+            f"resume FAILED after the kexec{_held_hint(state)}. Fix the cause "
+            "(see 'liveupdate status'), then run the same command again.",
+            file=sys.stderr,
+        )
     return _finish_message(outcome, state)
 
 
@@ -272,6 +319,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from ._journal import lock_holder
 
+    if args.state_dir is not None:
+        refusal = _cannot_cancel(Path(args.state_dir))
+        if refusal:
+            print(f"liveupdate cancel: {refusal}", file=sys.stderr)
+            return EXIT_FAILED
     control = _agent_socket(args)
     if control is not None:
         import httpx
@@ -304,6 +356,27 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     print(f"asked the orchestrator (pid {pid}) to cancel")
     return 0
+
+
+def _cannot_cancel(state: Path) -> str | None:
+    """Why the update in *state* cannot be cancelled (None: it can)."""
+    from ._journal import read_journal, unfinished
+    from .luo import kernel_from_spec
+
+    run = unfinished(read_journal(state))
+    kexec = next((r for r in run if r["event"] == "kexec"), None)
+    if kexec is None:
+        return None
+    try:
+        boot = kernel_from_spec(str(run[0].get("kernel", "real"))).boot_id()
+    except (OSError, ValueError):
+        return None
+    if boot == kexec["boot_id"]:
+        return None
+    return (
+        f"update {run[0]['run']} is past the kexec: there is nothing left to "
+        "cancel, only to finish ('liveupdate resume' does; see 'liveupdate status')"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

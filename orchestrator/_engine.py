@@ -25,12 +25,12 @@ import anyio.to_thread
 import pluggy
 
 from ._context import RunContext, StepContext
-from ._errors import PhaseError, PhaseTimeoutError, PluginError
+from ._errors import PhaseError, PhaseTimeoutError, PluginError, UnfinishedUpdateError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
-from ._journal import Journal, JournalError, last_run, read_journal
+from ._journal import Journal, JournalError, last_run, resume_command, unfinished
 from ._phases import Phase, State
-from ._preserve import Retriever, open_preserver
-from ._resume import Plan, remove_plan, write_plan
+from ._preserve import open_preserver
+from ._resume import Plan, read_plan, remove_plan, write_plan
 from .luo import KexecError
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tenacity import RetryCallState
 
     from ._playbook import Playbook, Step
+    from ._preserve import Retriever
     from .luo import Kernel
 
 logger = logging.getLogger(__name__)
@@ -136,20 +137,36 @@ class Engine:
         state_dir: Path,
         pm: pluggy.PluginManager | None = None,
         reporter: Reporter | None = None,
+        owner: str = "cli",
     ) -> None:
         self.playbook = playbook
         self.kernel = kernel
         self.state_dir = state_dir
         self.pm = pm or plugin_manager()
         self.reporter = reporter
+        self.owner = owner  # who resumes after the kexec: "cli" or "agent"
         self.journal = Journal(state_dir, kernel.boot_id())
+        self.journal_error: JournalError | None = None
+        self._tolerant = False
 
     # --- journaling --------------------------------------------------------------
 
     def _log(self, event: str, **fields: Any) -> dict[str, Any]:
         # Records that only announce work need not reach the disk by themselves:
         # recovery looks at what ended. The next durable record flushes them.
-        record = self.journal.append(event, durable=event not in _ANNOUNCE, **fields)
+        try:
+            record = self.journal.append(
+                event, durable=event not in _ANNOUNCE, **fields
+            )
+        except JournalError as exc:
+            if not self._tolerant:
+                raise
+            # Cancelling: the undo matters more than its record. Keep going,
+            # and leave the run open in the journal so resume undoes it again.
+            if self.journal_error is None:
+                logger.error("%s; the rollback goes on without it", exc)
+            self.journal_error = exc
+            record = {"event": event, **fields}
         if self.reporter is not None:
             self.reporter(record)
         return record
@@ -278,56 +295,74 @@ class Engine:
             state_dir=self.state_dir,
         )
 
+    def _check_no_unfinished(self) -> None:
+        """Refuse to start while an earlier update has not ended (any boot)."""
+        left = unfinished(self.journal.records())
+        if left:
+            raise _unfinished_error(left, self.kernel, self.state_dir)
+
     async def run(self) -> Outcome:
         """Quiesce, preserve, prepare, freeze and kexec; cancel on any failure.
 
         Returns only when the update was cancelled (the kexec does not return).
+
+        :raises UnfinishedUpdateError: an earlier update must be resumed first.
+        :raises JournalError: the journal cannot be read or written.
         """
         with self.journal.locked("run"):
+            self._check_no_unfinished()
+            self.journal.rotate_if_large()
             run = self._new_run()
+            digest = _save_playbook(self.playbook.path, self.state_dir)
             self._log(
                 "run_start",
                 run=run.run_id,
                 playbook=str(self.playbook.path),
+                playbook_sha256=digest,
                 name=self.playbook.name,
                 kernel=self.kernel.spec,
+                owner=self.owner,
                 pid=os.getpid(),
             )
             self._state(State.NORMAL)
             done: list[Done] = []
-            try:
-                with anyio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT
-                ) as signals:
+            # The receiver stays open through the rollback: a second SIGTERM or
+            # SIGINT then lands in it and is ignored, and the undo goes on.
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                try:
                     async with anyio.create_task_group() as tg:
 
                         async def cancel_on_signal() -> None:
                             async for signum in signals:
-                                self._log("signal", signal=signal.Signals(signum).name)
-                                raise PhaseError(
-                                    "*",
-                                    "*",
-                                    f"cancelled by {signal.Signals(signum).name}",
-                                )
+                                name = signal.Signals(signum).name
+                                self._log("signal", signal=name)
+                                raise PhaseError("*", "*", f"cancelled by {name}")
 
                         tg.start_soon(cancel_on_signal)
                         await self._forward(run, done)
                         tg.cancel_scope.cancel()
-            except BaseException as exc:
-                error = _describe(exc)
-                self._log("cancel_start", error=error)
-                self._state(State.CANCELLING)
-                ok = False
-                with anyio.move_on_after(ROLLBACK_BUDGET, shield=True):
-                    ok = await self._rollback(run, done)
-                self._state(State.NORMAL if ok else State.FAILED)
-                remove_plan(self.state_dir)
-                outcome = Outcome.CANCELLED if ok else Outcome.FAILED
-                self._log("run_end", outcome=outcome.value, error=error)
-                if not isinstance(exc, Exception):
-                    raise
-                return outcome
+                except BaseException as exc:
+                    outcome = await self._cancel(run, done, _describe(exc))
+                    if not isinstance(exc, Exception):
+                        raise
+                    return outcome
         raise AssertionError("unreachable: the kexec returned")
+
+    async def _cancel(self, run: RunContext, done: list[Done], error: str) -> Outcome:
+        """Undo *done* in reverse order; the journal failing never skips the undo."""
+        self._tolerant = True  # from here on a journal failure is reported, not raised
+        self._log("cancel_start", error=error)
+        self._state(State.CANCELLING)
+        ok = False
+        with anyio.move_on_after(ROLLBACK_BUDGET, shield=True):
+            ok = await self._rollback(run, done)
+        self._state(State.NORMAL if ok else State.FAILED)
+        outcome = Outcome.CANCELLED if ok else Outcome.FAILED
+        self._log("run_end", outcome=outcome.value, error=error)
+        if self.journal_error is None:
+            remove_plan(self.state_dir)
+        self._tolerant = False
+        return outcome
 
     async def _forward(self, run: RunContext, done: list[Done]) -> None:
         run.preserver = await anyio.to_thread.run_sync(open_preserver, self.kernel)
@@ -336,20 +371,13 @@ class Engine:
         await self._run_phase(run, Phase.PRESERVE, done)
         await self._run_phase(run, Phase.PREPARE, done)
         await anyio.to_thread.run_sync(run.preserver.prepare)
-        sessions = sorted(
-            {
-                e["session"]
-                for m in run.manifest.values()
-                for e in m.values()
-                if "session" in e
-            }
-        )
         plan = Plan(
             run.run_id,
             self.journal.boot_id,
             self.kernel.spec,
             run.preserver.abi,
-            sessions,
+            _session_names(run),
+            self.owner,
         )
         write_plan(self.state_dir, plan)  # for the restore path: no JSON to parse
         await anyio.to_thread.run_sync(os.sync)  # outside the blackout
@@ -407,81 +435,164 @@ class Engine:
         """Continue the last run: restore and finish in a new kernel, or cancel
         when the orchestrator died before the kexec.
 
-        :param prefetched: the sessions ``orchestrator._resume`` retrieved from
-            the restore plan before anything heavy was imported.
+        Everything that can be checked is checked before anything is undone
+        or restored; the sessions are held by the keeper (:mod:`._keeper`)
+        meanwhile, so a resume that stops -- refused, failed or killed -- can
+        be run again and goes on from where it was.
+
+        :param prefetched: the restore plan and the keeper that
+            ``orchestrator._resume`` had retrieve the sessions before anything
+            heavy was imported.
+        :raises JournalError: the journal cannot be read, is damaged, or does
+            not match the restore plan (nothing was touched).
         """
         with self.journal.locked("resume"):
-            records = last_run(read_journal(self.state_dir))
-            run, done, _state, kexec = _replay(records, self._new_run())
-            retriever = None
-            if prefetched is not None:
-                plan, retriever = prefetched
-                if plan.run_id != run.run_id:
-                    raise JournalError(
-                        f"the restore plan is for run {plan.run_id}, the journal's "
-                        f"last run is {run.run_id}: not resuming a run I cannot verify"
-                    )
+            records = last_run(self.journal.records())
+            plan = (
+                prefetched[0] if prefetched is not None else read_plan(self.state_dir)
+            )
+            if plan is not None and (not records or plan.run_id != records[0]["run"]):
+                last = records[0]["run"] if records else "none (the journal is empty)"
+                raise JournalError(
+                    f"the restore plan is for run {plan.run_id}, the journal's last "
+                    f"run is {last}: not resuming a run I cannot verify (was the "
+                    f"journal {self.journal.path} replaced or emptied?)"
+                )
             if not records or any(r["event"] == "run_end" for r in records):
                 remove_plan(self.state_dir)
                 return Outcome.NOTHING
-            if kexec is not None and kexec["boot_id"] != self.journal.boot_id:
-                return await self._restore(run, records, retriever)
+            self._use_recorded_playbook(records[0])
+            run, done, _state, kexec = _replay(records, self._new_run())
+            now = self.journal.boot_id
+            if kexec is not None and kexec["boot_id"] != now:
+                keeper = prefetched[1] if prefetched is not None else None
+                return await self._restore(run, records, keeper)
+            if records[-1]["boot_id"] != now:
+                return self._rebooted(
+                    "the host rebooted (not through the kexec) before the update "
+                    "reached it: nothing of it is left to undo"
+                )
             self._log(
                 "resume",
                 action="cancel",
                 reason="the orchestrator stopped before the kexec",
             )
-            self._state(State.CANCELLING)
             run.preserver = _DeadSessions(self.kernel, run)
-            with anyio.move_on_after(ROLLBACK_BUDGET, shield=True):
-                ok = await self._rollback(run, done)
-            self._state(State.NORMAL if ok else State.FAILED)
-            remove_plan(self.state_dir)
-            outcome = Outcome.CANCELLED if ok else Outcome.FAILED
-            self._log(
-                "run_end",
-                outcome=outcome.value,
-                error="orchestrator stopped before the kexec",
+            return await self._cancel(
+                run, done, "orchestrator stopped before the kexec"
             )
-            return outcome
+
+    def state_after_kexec(self) -> bool:
+        """Whether the last run of the journal is past its kexec (in this boot)."""
+        records = last_run(self.journal.records())
+        return bool(_after_kexec(records))
+
+    def _rebooted(self, why: str) -> Outcome:
+        """Close a run that a plain reboot ended: nothing to undo or restore."""
+        self._log("resume", action="close", reason=why)
+        self._state(State.NORMAL)
+        self._log("run_end", outcome=Outcome.CANCELLED.value, error=why)
+        remove_plan(self.state_dir)
+        return Outcome.CANCELLED
+
+    def _use_recorded_playbook(self, start: dict[str, Any]) -> None:
+        """Resume with the playbook the run started with, even if it was edited."""
+        recorded = start.get("playbook_sha256")
+        if recorded is None or _sha256_of(self.playbook.path) == recorded:
+            return
+        copy = self.state_dir / RUN_PLAYBOOK
+        if _sha256_of(copy) != recorded:
+            raise JournalError(
+                f"the playbook {self.playbook.path} changed since run {start['run']} "
+                f"started, and its copy {copy} is missing or differs: put the "
+                "original back, then run resume again"
+            )
+        from ._playbook import parse_playbook
+
+        self.playbook = parse_playbook(
+            copy.read_text(encoding="utf-8"),
+            str(self.playbook.path),
+            base_dir=self.playbook.path.parent,
+        )
+        self._log(
+            "playbook_changed",
+            path=str(self.playbook.path),
+            using=str(copy),
+            sha256=recorded,
+        )
 
     async def _restore(
         self,
         run: RunContext,
         records: list[dict[str, Any]],
-        retriever: Retriever | None,
+        prefetched: Retriever | None,
     ) -> Outcome:
         abi = next((r["abi"] for r in records if r["event"] == "abi"), "merged")
-        if retriever is None:
-            retriever = Retriever(self.kernel, abi)
-            names = sorted(
-                {
-                    e["session"]
-                    for m in run.manifest.values()
-                    for e in m.values()
-                    if "session" in e
-                }
+        names = _session_names(run)
+        if prefetched is None:
+            from ._keeper import Keeper
+
+            keeper: Retriever = await anyio.to_thread.run_sync(
+                Keeper.ensure, self.kernel, self.state_dir, run.run_id, abi, names
             )
-            await anyio.to_thread.run_sync(retriever.open_sessions, names)
-        run.retriever = retriever
-        self._state(State.UPDATED)
+        else:
+            keeper = prefetched
+        run.retriever = keeper
+        missing = set(getattr(keeper, "missing", ()))
+        after = _after_kexec(records)
+        finished = {r["phase"] for r in after if r["event"] == "phase_end" and r["ok"]}
+        if any(r["event"] == "kernel_finish" for r in after) or (
+            Phase.FINISH.value in finished and missing >= set(names or ["rfc"])
+        ):
+            # An earlier resume FINISHed and stopped before it said so.
+            return self._completed(keeper, finish=False)
+        if missing and missing >= set(names or ["rfc"]):
+            return await self._lost(keeper)
+        if not any(r["event"] == "state" and r["state"] == "UPDATED" for r in after):
+            self._state(State.UPDATED)
         try:
-            await self._run_phase(run, Phase.RESTORE, [])
-            self._log("blackout_end")
-            # Reading the kernel log is not blackout work: only now.
-            self._log("kernel", liveupdate_number=_number(self.kernel))
-            await self._run_phase(run, Phase.FINISH, [])
-            await anyio.to_thread.run_sync(retriever.finish)
-            self._log("kernel_finish")
-        except Exception as exc:  # noqa: BLE001  (after the kexec: journaled as FAILED)
-            remove_plan(self.state_dir)
+            if Phase.RESTORE.value not in finished:
+                await self._run_phase(run, Phase.RESTORE, [])
+                self._log("blackout_end")
+                # Reading the kernel log is not blackout work: only now.
+                self._log("kernel", liveupdate_number=_number(self.kernel))
+            if Phase.FINISH.value not in finished:
+                await self._run_phase(run, Phase.FINISH, [])
+        except Exception as exc:  # noqa: BLE001  (after the kexec: journaled, kept for a retry)
             self._state(State.FAILED)
-            self._log("run_end", outcome=Outcome.FAILED.value, error=_describe(exc))
+            self._log(
+                "resume_failed",
+                error=_describe(exc),
+                keeper_pid=getattr(keeper, "pid", None),
+            )
             return Outcome.FAILED
+        return self._completed(keeper, finish=True)
+
+    def _completed(self, keeper: Retriever, *, finish: bool) -> Outcome:
+        if finish:
+            keeper.finish()  # every owner holds its fds: the kernel may let go
+        else:
+            close = getattr(keeper, "close", None)
+            if close is not None:
+                close()
+        self._log("kernel_finish")
         self._state(State.NORMAL)
-        remove_plan(self.state_dir)
         self._log("run_end", outcome=Outcome.COMPLETED.value)
+        remove_plan(self.state_dir)
         return Outcome.COMPLETED
+
+    async def _lost(self, keeper: Retriever) -> Outcome:
+        """The new boot has none of the sessions: not a live update's boot."""
+        await anyio.to_thread.run_sync(keeper.finish)  # holds nothing; let it go
+        why = (
+            "this boot has none of the preserved sessions: the host was rebooted "
+            "(or kexec'd) without the live update, and its data did not come through"
+        )
+        self._log("resume", action="close", reason=why)
+        self._state(State.FAILED)
+        self._log("run_end", outcome=Outcome.FAILED.value, error=why)
+        remove_plan(self.state_dir)
+        return Outcome.FAILED
 
 
 class _DeadSessions:
@@ -545,9 +656,86 @@ def _replay(
             if rec.get("manifest"):
                 run.manifest[plugin] = rec["manifest"]
             step = steps.get((str(rec["phase"]), int(rec.get("index", -1))))
+            if step is not None and step.name != rec["step"]:
+                raise JournalError(
+                    f"the journal's step {rec['step']!r} ({rec['phase']} "
+                    f"#{rec.get('index')}) is not the playbook's {step.name!r}: "
+                    "the playbook does not match the run"
+                )
             if step is not None and step.phase.is_reversible:
                 done.append(Done(step))
     return run, done, state, kexec
+
+
+def _session_names(run: RunContext) -> list[str]:
+    return sorted(
+        {
+            e["session"]
+            for m in run.manifest.values()
+            for e in m.values()
+            if "session" in e
+        }
+    )
+
+
+def _after_kexec(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, rec in enumerate(records):
+        if rec["event"] == "kexec":
+            return [r for r in records[i + 1 :] if r["boot_id"] != rec["boot_id"]]
+    return []
+
+
+RUN_PLAYBOOK = "run-playbook.yaml"
+"""The copy of the running update's playbook, in the state dir."""
+
+
+def _sha256_of(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _save_playbook(path: Path, state_dir: Path) -> str | None:
+    """Keep a copy of the playbook for resume; its SHA-256 (None: no file)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    import hashlib
+
+    tmp = state_dir / (RUN_PLAYBOOK + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(E.ENOSPC, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, state_dir / RUN_PLAYBOOK)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise JournalError(
+            f"cannot keep a copy of the playbook in {state_dir}: "
+            f"{exc.strerror or exc}; nothing was started"
+        ) from exc
+    return hashlib.sha256(data).hexdigest()
+
+
+def _unfinished_error(
+    records: list[dict[str, Any]], kernel: Kernel, state_dir: Path
+) -> UnfinishedUpdateError:
+    state = next(
+        (r["state"] for r in reversed(records) if r["event"] == "state"), "NORMAL"
+    )
+    kexec = next((r for r in records if r["event"] == "kexec"), None)
+    after = kexec is not None and kexec["boot_id"] != kernel.boot_id()
+    return UnfinishedUpdateError(
+        records[0]["run"], state, after, resume_command(records[0], state_dir)
+    )
 
 
 def _number(kernel: Kernel) -> int | None:

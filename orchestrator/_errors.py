@@ -11,7 +11,11 @@
      ├── PhaseError                             a phase failed; the update was cancelled
      │    └── PhaseTimeoutError (TimeoutError)
      ├── PluginError                            a plugin cannot be loaded (misspelt hook)
-     └── JournalError                           the journal is unreadable or locked
+     ├── JournalError                           the journal is unreadable or locked
+     │    ├── JournalCorruptError               a line is not a record (file:line)
+     │    └── LockedError                       another orchestrator runs here
+     ├── UnfinishedUpdateError                  an earlier update must be resumed first
+     └── KeeperError                            the keeper of retrieved fds failed
 
 Each class builds its message from its fields, so ``str(exc)`` always says what
 happened and to what.
@@ -72,3 +76,26 @@ class PluginError(OrchestratorError):
         self.plugin = plugin
         self.problem = problem
         super().__init__(f"plugin {plugin}: {problem}")
+
+
+class UnfinishedUpdateError(OrchestratorError):
+    """An earlier update never ended; it must be finished or cancelled first.
+
+    :ivar run_id: the unfinished run.
+    :ivar state: the state it stopped in.
+    :ivar command: the command that finishes or cancels it.
+    """
+
+    def __init__(
+        self, run_id: str, state: str, after_kexec: bool, command: str
+    ) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.after_kexec = after_kexec
+        self.command = command
+        how = "finish it" if after_kexec else "finish or cancel it"
+        where = "after the kexec" if after_kexec else "before the kexec"
+        super().__init__(
+            f"update {run_id} did not end: it stopped {where} in state {state}; "
+            f"{how} first with: {command}"
+        )

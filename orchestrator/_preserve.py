@@ -18,7 +18,7 @@ from .luo._session import LiveUpdateDevice
 if TYPE_CHECKING:
     from typing import Any
 
-    from .luo import Kernel, OwnedFd, RfcDevice, Session
+    from .luo import Kernel, OwnedFd, Session
 
 SESSION_PREFIX = "lu-"
 
@@ -126,41 +126,12 @@ def open_preserver(kernel: Kernel) -> Preserver:
     )
 
 
-class Retriever:
-    """After the kexec: take fds back by their manifest entries, then FINISH."""
+class Retriever(Protocol):
+    """After the kexec: fds back by their manifest entries, then FINISH.
 
-    def __init__(self, kernel: Kernel, abi: str) -> None:
-        self.kernel = kernel
-        self.abi = abi
-        self.sessions: dict[str, Session] = {}
-        self._dev: LiveUpdateDevice | None = None
-        self._rfc: RfcDevice | None = None
+    :class:`orchestrator._keeper.Keeper` is the one implementation: it holds
+    what it retrieved, so that nothing dies with the process that asked.
+    """
 
-    def open_sessions(self, names: list[str]) -> None:
-        """Retrieve every session of the manifest (the restore path's first kernel call)."""
-        if self.abi == "rfc":
-            from .luo._rfc import RfcDevice
-
-            self._rfc = RfcDevice.open(self.kernel)
-            return
-        self._dev = LiveUpdateDevice.open(self.kernel)
-        for name in names:
-            if name not in self.sessions:
-                self.sessions[name] = self._dev.retrieve_session(name)
-        self._dev.close()
-        self._dev = None
-
-    def retrieve(self, entry: dict[str, Any]) -> OwnedFd:
-        if self._rfc is not None:
-            return self._rfc.restore_fd(int(entry["token"]))
-        return self.sessions[entry["session"]].retrieve_fd(int(entry["token"]))
-
-    def finish(self) -> None:
-        if self._rfc is not None:
-            self._rfc.finish()
-            self._rfc.close()
-            return
-        for session in self.sessions.values():
-            session.finish()
-            session.close()
-        self.sessions.clear()
+    def retrieve(self, entry: dict[str, Any]) -> OwnedFd: ...
+    def finish(self) -> None: ...

@@ -4,11 +4,13 @@ This runs inside the blackout window, so it imports only ``os`` and the kernel
 layer -- not even ``json``, ``typing`` or ``enum``, let alone anyio, pluggy,
 tenacity or YAML. Before the blackout the engine writes a *restore plan* next
 to the journal (``STATE_DIR/restore-plan``, a few ``key value`` lines: the
-run, the boot it was written in, the kernel, the ABI, the sessions); after the
-kexec :func:`prefetch` reads it, checks that this is a new boot, and
-retrieves every session: the restore path's first kernel call. The engine,
-imported afterwards, checks the plan against the journal (the source of
-truth) and restores the workloads with the retrieved sessions.
+run, the boot it was written in, the kernel, the ABI, who owns the restore,
+the sessions); after the kexec :func:`prefetch` reads it, checks that this is
+a new boot, and has the keeper (:mod:`._keeper`) retrieve every session: the
+restore path's first kernel call. The sessions are never held by this
+process alone, so nothing it does afterwards -- or fails to do -- can lose
+them. The engine, imported afterwards, checks the plan against the journal
+(the source of truth) and restores the workloads with the keeper's fds.
 
 Set ``LIVEUPDATE_EXIT_AFTER=first-kernel-call`` to exit right after that call:
 ``bench/resume_cold_start.py`` measures the cold start with it.
@@ -23,7 +25,7 @@ from orchestrator._compat import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._preserve import Retriever
+    from ._keeper import Keeper
 
 PLAN_FILE = "restore-plan"
 PLAN_MAGIC = "liveupdate-restore-plan 1"
@@ -32,20 +34,27 @@ PLAN_MAGIC = "liveupdate-restore-plan 1"
 class Plan:
     """What the engine wrote before the kexec for the restore path to read."""
 
-    __slots__ = ("abi", "boot_id", "kernel", "run_id", "sessions")
+    __slots__ = ("abi", "boot_id", "kernel", "owner", "run_id", "sessions")
 
     def __init__(
-        self, run_id: str, boot_id: str, kernel: str, abi: str, sessions: list[str]
+        self,
+        run_id: str,
+        boot_id: str,
+        kernel: str,
+        abi: str,
+        sessions: list[str],
+        owner: str = "cli",
     ) -> None:
         self.run_id = run_id
         self.boot_id = boot_id
         self.kernel = kernel
         self.abi = abi
         self.sessions = sessions
+        self.owner = owner  # "cli" (liveupdate resume) or "agent" (the agent resumes)
 
     def dump(self) -> str:
         lines = [PLAN_MAGIC, f"run {self.run_id}", f"boot {self.boot_id}"]
-        lines += [f"kernel {self.kernel}", f"abi {self.abi}"]
+        lines += [f"kernel {self.kernel}", f"abi {self.abi}", f"owner {self.owner}"]
         lines += [f"session {name}" for name in self.sessions]
         return "\n".join(lines) + "\n"
 
@@ -87,7 +96,12 @@ def read_plan(state_dir: str | os.PathLike[str]) -> Plan | None:
             fields[key] = value
     try:
         return Plan(
-            fields["run"], fields["boot"], fields["kernel"], fields["abi"], sessions
+            fields["run"],
+            fields["boot"],
+            fields["kernel"],
+            fields["abi"],
+            sessions,
+            fields.get("owner", "cli"),
         )
     except KeyError:
         return None
@@ -109,12 +123,14 @@ def _option(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
-def prefetch(argv: Sequence[str]) -> tuple[Plan, Retriever] | None:
-    """Retrieve the planned sessions if this boot came through the plan's kexec.
+def prefetch(argv: Sequence[str]) -> tuple[Plan, Keeper] | None:
+    """Have the keeper retrieve the planned sessions if this is a new boot.
 
     ``None`` when there is no plan (nothing to do, or not enough to go on: no
     ``--state-dir``, so the playbook must be read first, on the slow path), or
     when this is still the boot that wrote it (a cancel: not time-critical).
+    Whether the new boot came through the kexec at all is the kernel's to
+    say: the keeper reports the sessions it did not find.
     """
     state_dir = _option(argv, "--state-dir")
     if state_dir is None:
@@ -127,10 +143,9 @@ def prefetch(argv: Sequence[str]) -> tuple[Plan, Retriever] | None:
     kernel = kernel_from_spec(_option(argv, "--kernel") or plan.kernel)
     if plan.boot_id == kernel.boot_id():
         return None
-    from ._preserve import Retriever
+    from ._keeper import Keeper
 
-    retriever = Retriever(kernel, plan.abi)
-    retriever.open_sessions(plan.sessions)
+    keeper = Keeper.ensure(kernel, state_dir, plan.run_id, plan.abi, plan.sessions)
     if os.environ.get("LIVEUPDATE_EXIT_AFTER") == "first-kernel-call":
         os._exit(0)
-    return plan, retriever
+    return plan, keeper

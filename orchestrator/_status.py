@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._journal import lock_holder, read_journal
+from ._journal import (
+    journal_damage,
+    lock_holder,
+    read_journal,
+    resume_command,
+    unfinished,
+)
 from ._runs import read_runs
 
 if TYPE_CHECKING:
@@ -32,6 +38,9 @@ class Status:
     blackout_s: float | None = None
     boots: list[str] = field(default_factory=list)
     liveupdate_number: int | None = None
+    interrupted: bool = False  # the last run never ended and nothing runs it
+    next_command: str | None = None  # what finishes or cancels it
+    journal_damage: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +54,12 @@ class Status:
         ]
         if self.running:
             lines.append(f"running: {self.running}")
+        if self.interrupted:
+            lines.append(
+                f"INTERRUPTED: the update stopped in {self.state} and nothing runs "
+                f"it; finish or cancel it with: {self.next_command}"
+            )
+        lines += [f"journal damage: {d}" for d in self.journal_damage]
         if self.error:
             lines.append(f"error: {self.error}")
         if self.phases:
@@ -65,7 +80,13 @@ def summarize(state_dir: Path) -> Status:
     """The last run of the journal in *state_dir* (see :mod:`._runs` for how
     durations are measured), and who holds the lock now."""
     status = Status(running=lock_holder(state_dir))
-    runs = read_runs(read_journal(state_dir))
+    records = read_journal(state_dir)
+    status.journal_damage = [str(e) for e in journal_damage(state_dir)]
+    left = unfinished(records)
+    if left and status.running is None:
+        status.interrupted = True
+        status.next_command = resume_command(left[0], state_dir)
+    runs = read_runs(records)
     if not runs:
         return status
     run = runs[-1]

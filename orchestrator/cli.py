@@ -264,6 +264,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OrchestratorError as exc:
             print(f"liveupdate: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        if prefetched is not None and prefetched[0].owner == "agent":
+            # One owner of the restore at boot: the agent's update is the
+            # agent's to restore. Its sessions stay with the keeper till then.
+            print(
+                f"liveupdate: update {prefetched[0].run_id} belongs to the agent, "
+                "which restores it when it starts; its sessions are held by the "
+                f"keeper (pid {prefetched[1].pid}) until then"
+            )
+            prefetched[1].close()
+            return 0
         from . import _cli_update
 
         _cli_update.PREFETCHED = prefetched

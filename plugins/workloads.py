@@ -108,6 +108,20 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def _serving(registry: Path, name: str, fd: int) -> dict[str, Any] | None:
+    """The published entry of store *name* if a live process serves the very
+    file *fd* is (restore is idempotent: a resume run again adopts it)."""
+    try:
+        info: dict[str, Any] = json.loads((registry / f"{name}.json").read_text())
+        theirs = os.stat(f"/proc/{int(info['pid'])}/fd/{int(info['fd'])}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ours = os.fstat(fd)
+    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+        return None
+    return info if _running(int(info["pid"])) else None
+
+
 def _alive(info: dict[str, Any]) -> None:
     try:
         reply = ask(info["socket"], "PING", timeout=5)
@@ -225,6 +239,10 @@ class WorkloadsPlugin:
 
         async def restart(info: dict[str, Any]) -> None:
             with await ctx.retrieve(info["name"]) as fd:
+                running = _serving(registry, info["name"], fd.fileno())
+                if running is not None:  # an interrupted resume started it
+                    restored[info["name"]] = running
+                    return
                 pid = launch(registry, info["name"], 0, ctx.kernel.spec, fd.fileno())
             restored[info["name"]] = await anyio.to_thread.run_sync(
                 wait_published, registry, info["name"], pid
