@@ -8,7 +8,8 @@ Options (``with:``):
 - ``hang: SECONDS`` -- sleep (to trip a timeout, or to be killed mid-phase);
 - ``kill_workload: NAME`` -- SIGKILL a demo workload (a workload dies);
 - ``kill_self: true`` -- SIGKILL the orchestrator itself (a crash mid-phase);
-- ``trace: PATH`` -- append ``<phase>`` / ``<phase>_rollback`` lines to PATH.
+- ``trace: PATH`` -- append ``<phase>`` / ``<phase>_rollback`` lines to PATH;
+- ``rollback_hang: SECONDS`` -- sleep in the rollback (to signal it meanwhile).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ async def _act(ctx: StepContext) -> None:
 
 async def _undo(ctx: StepContext) -> None:
     _trace(ctx, f"{ctx.step.phase.value}_rollback")
+    if "rollback_hang" in ctx.options:
+        await anyio.sleep(float(ctx.options["rollback_hang"]))
+        _trace(ctx, f"{ctx.step.phase.value}_rollback_done")
 
 
 class FaultsPlugin:

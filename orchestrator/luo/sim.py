@@ -651,6 +651,26 @@ class SimKernel:
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable: SIGKILL returned")
 
+    def reboot_cold(self) -> None:
+        """A plain reboot (power cycle, watchdog, ``reboot -f``): a new boot that
+        carries nothing -- no session, no liveupdate number -- and ends every
+        participant. The calling process survives (it stands for the operator)."""
+        with self._mutex():
+            info = self.info()
+            nxt = self._new_boot(
+                int(info["generation"]) + 1, info["abi"], 0, DEFAULT_CMDLINE
+            )
+            old = os.readlink(self.root / "current")
+            tmp = self.root / "current.tmp"
+            tmp.unlink(missing_ok=True)
+            os.symlink(nxt.name, tmp)
+            os.replace(tmp, self.root / "current")
+            shutil.rmtree(self.root / old, ignore_errors=True)
+        for pid in self.participants():
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
     def _kexec_locked(self) -> None:
         info = self.info()
         loaded = _read_json(self.boot / "kexec.json")
