@@ -18,7 +18,7 @@ import math
 import os
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
@@ -26,17 +26,26 @@ import yaml
 
 from ._errors import PlaybookError
 from ._phases import Phase
+from ._yaml import MAX_BYTES as _MAX_BYTES
+from ._yaml import compose
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 __all__ = [
+    "MAX_ATTEMPTS",
+    "MAX_BACKOFF",
+    "MAX_BLACKOUT_BUDGET",
+    "MAX_TIMEOUT",
+    "MIN_TIMEOUT",
+    "SECTIONS",
     "NextKernel",
     "PhasePlan",
     "Playbook",
     "RetryPolicy",
     "Step",
     "Where",
+    "format_duration",
     "load_playbook",
     "parse_duration",
     "parse_playbook",
@@ -44,8 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_STEP_TIMEOUT: Final = 60.0
-_DEFAULT_BLACKOUT_BUDGET: Final = 10.0
 _DURATION_EXAMPLE: Final = (
     "a number of seconds or a string such as '30s', '250ms', '1.5m'"
 )
@@ -56,24 +63,201 @@ _DURATION_RE: Final = re.compile(
     r"\s*(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?P<unit>us|µs|ms|s|m|h)\s*"
 )
 
-_TOP_KEYS: Final = (
-    "name",
-    "description",
-    "kernel",
-    "state_dir",
-    "next_kernel",
+# -- what a playbook may hold: the loader's bounds and the reference's source ----
+
+MIN_TIMEOUT: Final = 0.001
+"""The shortest timeout or budget, in seconds: below it nothing could finish."""
+MAX_TIMEOUT: Final = 24 * 3600.0
+"""The longest step or phase timeout: a day."""
+MAX_BLACKOUT_BUDGET: Final = 3600.0
+"""The longest blackout budget: an hour of frozen workloads is no live update."""
+MAX_BACKOFF: Final = 3600.0
+"""The longest wait between two tries of a step."""
+MAX_ATTEMPTS: Final = 100
+"""The most tries of one step."""
+_DEFAULT_STEP_TIMEOUT: Final = 60.0
+_DEFAULT_BLACKOUT_BUDGET: Final = 10.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of a playbook section: what the loader accepts and the reference shows.
+
+    :param name: the key.
+    :param kind: its type, as the reference names it.
+    :param doc: one line for the reference.
+    :param default: the default, as the reference shows it (``""``: none).
+    :param required: whether the key must be given.
+    :param low: the smallest number or duration accepted, if bounded.
+    :param high: the largest number or duration accepted, if bounded.
+    """
+
+    name: str
+    kind: str
+    doc: str
+    default: str = ""
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+
+
+_BUDGET_KEY: Final = _Key(
     "blackout_budget",
-    "defaults",
-    "phases",
+    "duration",
+    "how long workloads may stay frozen (freeze, kexec and restore together)",
+    "10s",
+    low=MIN_TIMEOUT,
+    high=MAX_BLACKOUT_BUDGET,
 )
-_NEXT_KERNEL_KEYS: Final = ("image", "initrd", "cmdline")
-_DEFAULTS_KEYS: Final = ("timeout", "retry")
-_RETRY_KEYS: Final = ("attempts", "backoff", "max_backoff", "on_errno")
-_PHASE_KEYS: Final = ("timeout", "steps")
-_STEP_KEYS: Final = ("plugin", "name", "timeout", "retry", "with")
+_DEFAULT_TIMEOUT_KEY: Final = _Key(
+    "timeout",
+    "duration",
+    "how long one try of a step may take, for steps that set none",
+    "60s",
+    low=MIN_TIMEOUT,
+    high=MAX_TIMEOUT,
+)
+_PHASE_TIMEOUT_KEY: Final = _Key(
+    "timeout",
+    "duration",
+    "the budget of the whole phase, retries included",
+    "none (each step's own timeout)",
+    low=MIN_TIMEOUT,
+    high=MAX_TIMEOUT,
+)
+_STEP_TIMEOUT_KEY: Final = _Key(
+    "timeout",
+    "duration",
+    "how long one try of this step may take",
+    "defaults.timeout",
+    low=MIN_TIMEOUT,
+    high=MAX_TIMEOUT,
+)
+_ATTEMPTS_KEY: Final = _Key(
+    "attempts",
+    "integer",
+    "tries in all; 1 means no retry",
+    "1",
+    low=1,
+    high=MAX_ATTEMPTS,
+)
+_BACKOFF_KEY: Final = _Key(
+    "backoff",
+    "duration",
+    "the first wait between tries; each next wait doubles",
+    "100ms",
+    low=0,
+    high=MAX_BACKOFF,
+)
+_MAX_BACKOFF_KEY: Final = _Key(
+    "max_backoff",
+    "duration",
+    "the longest wait between tries",
+    "5s",
+    low=0,
+    high=MAX_BACKOFF,
+)
+
+SECTIONS: Final[Mapping[str, tuple[_Key, ...]]] = types.MappingProxyType(
+    {
+        "playbook": (
+            _Key("name", "string", "the playbook's name", required=True),
+            _Key("description", "string", "free text", '""'),
+            _Key(
+                "kernel",
+                "'real' or 'sim:DIR'",
+                "the running kernel: this host's /dev/liveupdate, or a simulated "
+                "one kept in DIR; `--kernel` and `$LIVEUPDATE_KERNEL` win over it",
+                "real",
+            ),
+            _Key(
+                "state_dir",
+                "path",
+                "the journal and run state; must survive the kexec (not tmpfs); "
+                "`--state-dir` wins over it",
+                "/var/lib/liveupdate",
+            ),
+            _Key("next_kernel", "mapping", "the kernel to kexec into", "none"),
+            _BUDGET_KEY,
+            _Key("defaults", "mapping", "what steps get when they set nothing", "{}"),
+            _Key(
+                "phases",
+                "mapping",
+                "phase name: its steps; at least one phase",
+                required=True,
+            ),
+        ),
+        "next_kernel": (
+            _Key("image", "path", "the kernel image", required=True),
+            _Key("initrd", "path", "the initramfs", "none"),
+            _Key(
+                "cmdline",
+                "string",
+                "the kernel command line, used as is (nothing is appended)",
+                "the running kernel's",
+            ),
+        ),
+        "defaults": (
+            _DEFAULT_TIMEOUT_KEY,
+            _Key("retry", "mapping", "the retry policy of every step", "no retry"),
+        ),
+        "retry": (
+            _ATTEMPTS_KEY,
+            _BACKOFF_KEY,
+            _MAX_BACKOFF_KEY,
+            _Key(
+                "on_errno",
+                "list of errno names",
+                "also retry OSErrors with these errnos, e.g. [EAGAIN, EBUSY]",
+                "[] (transient errors only)",
+            ),
+        ),
+        "phases.PHASE": (
+            _PHASE_TIMEOUT_KEY,
+            _Key("steps", "list of steps", "at least one, run in order", required=True),
+        ),
+        "step": (
+            _Key("plugin", "string", "the plugin that runs the step", required=True),
+            _Key(
+                "name",
+                "string",
+                "a label for logs and metrics, distinct within the phase",
+                "the plugin's name",
+            ),
+            _STEP_TIMEOUT_KEY,
+            _Key(
+                "retry",
+                "mapping",
+                "this step's retry keys, merged over defaults.retry",
+                "defaults.retry",
+            ),
+            _Key(
+                "with", "mapping", "the plugin's options (see the plugins below)", "{}"
+            ),
+        ),
+    }
+)
+"""Every section of a playbook and its keys, in the order the reference lists them."""
+
+
+def _names(section: str) -> tuple[str, ...]:
+    return tuple(key.name for key in SECTIONS[section])
+
+
+_TOP_KEYS: Final = _names("playbook")
+_NEXT_KERNEL_KEYS: Final = _names("next_kernel")
+_DEFAULTS_KEYS: Final = _names("defaults")
+_RETRY_KEYS: Final = _names("retry")
+_PHASE_KEYS: Final = _names("phases.PHASE")
+_STEP_KEYS: Final = _names("step")
 
 _STR_TAG: Final = "tag:yaml.org,2002:str"
 _NULL_TAG: Final = "tag:yaml.org,2002:null"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
+_PLAIN_TAGS: Final = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null")
+)
 _CONFIGURABLE: Final = tuple(p for p in Phase if p.configurable)
 
 
@@ -141,6 +325,8 @@ class Step:
     :param retry: the retry policy, merged over ``defaults.retry``.
     :param where: where the step is written.
     :param index: the step's position within its phase, from 0.
+    :param option_lines: the line of each key of ``with:``, for messages about
+        an option (see :func:`orchestrator.check_options`).
     """
 
     phase: Phase
@@ -151,6 +337,9 @@ class Step:
     retry: RetryPolicy
     where: Where
     index: int
+    option_lines: Mapping[str, int] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
 
 
 @final
@@ -224,7 +413,10 @@ def parse_duration(value: object, what: str) -> float:
             f"{what}: expected a duration ({_DURATION_EXAMPLE}), got {value!r}"
         )
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"{what}: {value} seconds is too long") from None
     elif isinstance(value, str):
         match = _DURATION_RE.fullmatch(value)
         if match is None:
@@ -264,11 +456,26 @@ def load_playbook(
     """
     name = os.fspath(path)
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        with open(name, "rb") as file:
+            data = file.read(_MAX_BYTES + 1)
     except OSError as exc:
         raise PlaybookError(name, None, f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_BYTES:
+        line = data.count(b"\n", 0, _MAX_BYTES) + 1
+        raise PlaybookError(
+            name, line, f"the playbook is longer than {_MAX_BYTES // 1024} KiB"
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PlaybookError(name, None, f"not UTF-8 text: {exc.reason}") from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PlaybookError(
+            name,
+            line,
+            f"not UTF-8 text: {exc.reason} (byte 0x{data[exc.start]:02x}, "
+            f"column {column})",
+        ) from exc
     base = Path(os.path.abspath(name)).parent
     return parse_playbook(text, name, known_plugins, base)
 
@@ -293,47 +500,28 @@ def parse_playbook(
     """
     if base_dir is None:
         base_dir = Path.cwd() if path.startswith("<") else Path(path).parent
-    root = _compose(text, path)
+    root = compose(text, path)
+    if root is None:
+        raise PlaybookError(
+            path, None, "the file is empty; expected a mapping with 'name' and 'phases'"
+        )
     known = None if known_plugins is None else frozenset(known_plugins)
     playbook = _Parser(path, Path(os.path.abspath(base_dir)), known).playbook(root)
     logger.debug("loaded playbook %r from %s", playbook.name, path)
     return playbook
 
 
-def _compose(text: str, path: str) -> yaml.Node:
-    """Parse *text* into exactly one YAML node tree, translating YAML errors."""
-    try:
-        loader = yaml.SafeLoader(text)  # checks for unprintable characters
-        root = loader.get_node() if loader.check_node() else None
-        if root is not None and loader.check_node():
-            # Point at the second document's "---", not at its first value.
-            event: yaml.Event = loader.peek_event()  # type: ignore[no-untyped-call]
-            mark = event.start_mark
-            raise PlaybookError(
-                path,
-                None if mark is None else mark.line + 1,
-                "expected a single YAML document, found another one here",
-            )
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "malformed YAML"
-        raise PlaybookError(
-            path, None if mark is None else mark.line + 1, f"invalid YAML: {problem}"
-        ) from exc
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise PlaybookError(
-            path, line, f"invalid YAML: unacceptable character {exc.character!r}"
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise PlaybookError(path, None, f"invalid YAML: {exc}") from exc
-    except RecursionError as exc:
-        raise PlaybookError(path, None, "invalid YAML: nested too deeply") from exc
-    if root is None:
-        raise PlaybookError(
-            path, None, "the file is empty; expected a mapping with 'name' and 'phases'"
-        )
-    return root
+def format_duration(seconds: float) -> str:
+    """Write *seconds* the way a playbook would: ``"100ms"``, ``"5s"``, ``"24h"``.
+
+    .. versionadded:: 0.2
+    """
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    if seconds == 0 or seconds >= 1:
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
 
 
 def _line(node: yaml.Node) -> int:
@@ -366,6 +554,7 @@ class _StepDraft:
     plugin: str
     name: str
     options: Mapping[str, Any]
+    option_lines: Mapping[str, int]
     timeout: float | None
     retry: dict[str, Any]
     where: Where
@@ -434,10 +623,6 @@ class _Parser:
         except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
             detail = getattr(exc, "problem", None) or str(exc)
             self.fail(node, f"{what}: invalid value: {detail}")
-        except RecursionError as exc:
-            raise PlaybookError(
-                self.path, _line(node), f"{what}: nested too deeply"
-            ) from exc
         finally:
             loader.dispose()
 
@@ -455,20 +640,40 @@ class _Parser:
         raw = self.string(node, what, empty=False)
         return Path(os.path.abspath(self.base / raw))
 
-    def duration(self, node: yaml.Node, what: str, *, positive: bool) -> float:
+    def duration(self, node: yaml.Node, what: str, key: _Key) -> float:
         if not isinstance(node, yaml.ScalarNode):
             self.fail(
                 node,
                 f"{what}: expected a duration ({_DURATION_EXAMPLE}), "
                 f"got {_describe(node)}",
             )
+        value = self.construct(node, what)
         try:
-            seconds = parse_duration(self.construct(node, what), what)
+            seconds = parse_duration(value, what)
         except ValueError as exc:
             self.fail(node, str(exc))
-        if positive and seconds <= 0:
-            self.fail(node, f"{what}: must be greater than zero, e.g. '30s'")
+        self.bounded(node, what, key, seconds, format_duration)
         return seconds
+
+    def bounded(
+        self,
+        node: yaml.Node,
+        what: str,
+        key: _Key,
+        number: float,
+        show: Callable[[float], str],
+    ) -> None:
+        """Refuse *number* outside the bounds *key* declares."""
+        if key.low is not None and number < key.low:
+            self.fail(
+                node,
+                f"{what}: must be at least {show(key.low)}, got {node.value}"
+                + (" (it must be greater than zero)" if key.low > 0 >= number else ""),
+            )
+        if key.high is not None and number > key.high:
+            self.fail(
+                node, f"{what}: must be at most {show(key.high)}, got {node.value}"
+            )
 
     # -- sections -----------------------------------------------------------
 
@@ -504,7 +709,7 @@ class _Parser:
             elif key == "next_kernel":
                 next_kernel = self.next_kernel(key_node, value)
             elif key == "blackout_budget":
-                budget = self.duration(value, "blackout_budget", positive=True)
+                budget = self.duration(value, "blackout_budget", _BUDGET_KEY)
             elif key == "defaults":
                 step_timeout, retry = self.defaults(value)
             else:
@@ -568,7 +773,7 @@ class _Parser:
             if _is_null(value):
                 continue
             if key == "timeout":
-                timeout = self.duration(value, "defaults.timeout", positive=True)
+                timeout = self.duration(value, "defaults.timeout", _DEFAULT_TIMEOUT_KEY)
             else:
                 retry = self.retry(value, "defaults.retry")
         return timeout, retry
@@ -585,11 +790,12 @@ class _Parser:
                         value,
                         f"{field}: expected a whole number >= 1, e.g. 3, got {_describe(value)}",
                     )
-                if attempts < 1:
-                    self.fail(value, f"{field}: must be at least 1, got {attempts}")
+                self.bounded(value, field, _ATTEMPTS_KEY, attempts, "{:g}".format)
                 out[key] = attempts
-            elif key in ("backoff", "max_backoff"):
-                out[key] = self.duration(value, field, positive=False)
+            elif key == "backoff":
+                out[key] = self.duration(value, field, _BACKOFF_KEY)
+            elif key == "max_backoff":
+                out[key] = self.duration(value, field, _MAX_BACKOFF_KEY)
             else:
                 out[key] = self.errnos(value, field)
         return out
@@ -645,7 +851,9 @@ class _Parser:
         for key, _, value in self.items(node, what, _PHASE_KEYS):
             if key == "timeout":
                 if not _is_null(value):
-                    timeout = self.duration(value, f"{what}.timeout", positive=True)
+                    timeout = self.duration(
+                        value, f"{what}.timeout", _PHASE_TIMEOUT_KEY
+                    )
                 continue
             if not isinstance(value, yaml.SequenceNode):
                 self.fail(
@@ -680,6 +888,7 @@ class _Parser:
         timeout: float | None = None
         retry: dict[str, Any] = {}
         options: dict[str, Any] = {}
+        option_lines: dict[str, int] = {}
         for key, _, value in self.items(node, what, _STEP_KEYS):
             if key == "plugin":
                 plugin = self.plugin(value, f"{what}.plugin")
@@ -688,11 +897,11 @@ class _Parser:
             elif key == "name":
                 name = self.string(value, f"{what}.name", empty=False)
             elif key == "timeout":
-                timeout = self.duration(value, f"{what}.timeout", positive=True)
+                timeout = self.duration(value, f"{what}.timeout", _STEP_TIMEOUT_KEY)
             elif key == "retry":
                 retry = self.retry(value, f"{what}.retry")
             else:
-                options = self.options(value, f"{what}.with")
+                options, option_lines = self.options(value, f"{what}.with")
         if plugin is None:
             self.fail(node, f"{what}: missing required key 'plugin'")
         return _StepDraft(
@@ -700,6 +909,7 @@ class _Parser:
             plugin=plugin,
             name=plugin if name is None else name,
             options=types.MappingProxyType(options),
+            option_lines=types.MappingProxyType(option_lines),
             timeout=timeout,
             retry=retry,
             where=self.where(node),
@@ -717,14 +927,39 @@ class _Parser:
             )
         return plugin
 
-    def options(self, node: yaml.Node, what: str) -> dict[str, Any]:
-        # Check the keys on the nodes (for duplicates and lines), then build values.
-        for _ in self.items(node, what, None):
-            pass
+    def options(
+        self, node: yaml.Node, what: str
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The ``with:`` mapping's values and the line of each of its keys."""
+        lines: dict[str, int] = {}
+        for key, key_node, value_node in self.items(node, what, None):
+            lines[key] = _line(key_node)
+            self.plain(value_node, f"{what}.{key}")
         value = self.construct(node, what)
         if not isinstance(value, dict):  # pragma: no cover - items() checked it
             self.fail(node, f"{what}: expected a mapping")
-        return value
+        return value, lines
+
+    def plain(self, node: yaml.Node, what: str) -> None:
+        """Refuse anything but plain data (what JSON holds) in an option.
+
+        The composer bounded the expanded size and depth, so this walk is bounded.
+        """
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag not in _PLAIN_TAGS:
+                self.fail(
+                    node,
+                    f"{what}: {_describe(node)} is not plain data (strings, numbers, "
+                    "booleans, null, lists, mappings); quote it to pass a string",
+                )
+        elif isinstance(node, yaml.SequenceNode):
+            if node.tag != _SEQ_TAG:
+                self.fail(node, f"{what}: {node.tag} is not a plain list")
+            for i, item in enumerate(node.value):
+                self.plain(item, f"{what}[{i}]")
+        else:
+            for key, _, value in self.items(node, what, None):
+                self.plain(value, f"{what}.{key}")
 
     def finish(
         self, draft: _StepDraft, default_timeout: float, default_retry: dict[str, Any]
@@ -738,4 +973,5 @@ class _Parser:
             retry=RetryPolicy(**(default_retry | draft.retry)),
             where=draft.where,
             index=draft.index,
+            option_lines=draft.option_lines,
         )
