@@ -1,4 +1,5 @@
-"""``liveupdate plan`` changes nothing on disk."""
+"""The playbook reference agrees with the declarations, its example plans
+cleanly, and ``liveupdate plan`` changes nothing on disk."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator._playbook import load_playbook
+from orchestrator._playbook_doc import EXAMPLE, render
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / "docs" / "playbook.md"
+REGENERATE = "python -m orchestrator._playbook_doc > docs/playbook.md"
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -22,6 +27,56 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
             st = path.lstat()
             out[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def example_from_reference() -> str:
+    """The ```yaml block under '## Example', as a reader would copy it."""
+    text = REFERENCE.read_text()
+    after = text.split("## Example", 1)[1]
+    return after.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_reference_matches_the_declarations() -> None:
+    assert REFERENCE.read_text() == render(), (
+        f"docs/playbook.md is stale: regenerate it with `{REGENERATE}`"
+    )
+
+
+def test_reference_names_every_builtin_option() -> None:
+    from plugins import BUILTINS
+
+    text = REFERENCE.read_text()
+    for plugin in BUILTINS():
+        assert f"### `{plugin.name}`" in text  # type: ignore[attr-defined]
+        for option in plugin.options:  # type: ignore[attr-defined]
+            assert f"| `{option.key}` | {option.type_name} |" in text
+    assert "the demo's plugin" in text
+
+
+def test_example_from_the_reference_plans_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = example_from_reference()
+    assert example == EXAMPLE
+    book = tmp_path / "example.yaml"
+    book.write_text(example)
+    before = snapshot(tmp_path)
+    assert main(["plan", str(book)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "playbook 'example'" in out
+    assert f"kernel sim:{tmp_path / '.state/example/kernel'}" in out
+    assert "load-next-kernel [kexec]" in out
+    assert snapshot(tmp_path) == before  # plan changes nothing, not even sim:DIR
+    playbook = load_playbook(book)
+    assert [p.value for p in playbook.phases] == [
+        "quiesce",
+        "preserve",
+        "prepare",
+        "freeze",
+        "restore",
+        "finish",
+    ]
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "host-update.yaml"])
