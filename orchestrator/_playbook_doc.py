@@ -151,6 +151,7 @@ declares its options the same way, with `orchestrator.Option`:
 ```python
 from orchestrator import Option, hookimpl, option_value
 
+
 class BackupPlugin:
     name = "backup"
     options = (
