@@ -503,7 +503,7 @@ def parse_playbook(
     root = compose(text, path)
     if root is None:
         raise PlaybookError(
-            path, None, "the file is empty; expected a mapping with 'name' and 'phases'"
+            path, 1, "the file is empty; expected a mapping with 'name' and 'phases'"
         )
     known = None if known_plugins is None else frozenset(known_plugins)
     playbook = _Parser(path, Path(os.path.abspath(base_dir)), known).playbook(root)

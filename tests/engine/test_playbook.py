@@ -340,8 +340,8 @@ ERRORS = [
         ],
         id="unknown-key-with-suggestion",
     ),
-    pytest.param("", None, ["empty"], id="empty-file"),
-    pytest.param("# only a comment\n", None, ["empty"], id="comments-only"),
+    pytest.param("", 1, ["empty"], id="empty-file"),
+    pytest.param("# only a comment\n", 1, ["empty"], id="comments-only"),
     pytest.param(
         "\n- name: t\n- phases: {}\n",
         2,
