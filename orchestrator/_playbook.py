@@ -2,11 +2,21 @@
 
 A playbook names the plugins that run in each phase of a live update, with
 their options, timeouts and retry policies. Loading walks the YAML *node* tree
-(``yaml.compose``) rather than the constructed objects, so every problem is
-reported as a :class:`~orchestrator.PlaybookError` naming ``file:line`` and
-what was expected there. Only the first problem, in document order, is raised.
+rather than the constructed objects, so every problem is reported as a
+:class:`~orchestrator.PlaybookError` naming ``file:line`` and what was
+expected there. Only the first problem, in document order, is raised.
+
+The tree comes from :mod:`orchestrator._yaml`, which bounds the document
+(size, nesting, alias expansion) and refuses duplicate and merge keys at every
+depth; the keys of each section and their bounds (timeouts 1ms .. 24h,
+attempts 1 .. 100, ...) are declared in :mod:`orchestrator._playbook_schema`,
+which ``docs/playbook.md`` is generated from. A step's ``with:`` must be plain
+data; the plugin's declared options are checked by
+:func:`orchestrator._engine.check_playbook`, which knows the plugins.
 
 .. versionadded:: 0.1
+.. versionchanged:: 0.2
+   Bounded composition, bounds on every number, plain-data options.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
 import yaml
 
+from . import _playbook_schema as _schema
 from ._errors import PlaybookError
 from ._phases import Phase
 from ._yaml import MAX_BYTES as _MAX_BYTES
@@ -33,12 +44,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 __all__ = [
-    "MAX_ATTEMPTS",
-    "MAX_BACKOFF",
-    "MAX_BLACKOUT_BUDGET",
-    "MAX_TIMEOUT",
-    "MIN_TIMEOUT",
-    "SECTIONS",
     "NextKernel",
     "PhasePlan",
     "Playbook",
@@ -63,186 +68,9 @@ _DURATION_RE: Final = re.compile(
     r"\s*(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?P<unit>us|µs|ms|s|m|h)\s*"
 )
 
-# -- what a playbook may hold: the loader's bounds and the reference's source ----
-
-MIN_TIMEOUT: Final = 0.001
-"""The shortest timeout or budget, in seconds: below it nothing could finish."""
-MAX_TIMEOUT: Final = 24 * 3600.0
-"""The longest step or phase timeout: a day."""
-MAX_BLACKOUT_BUDGET: Final = 3600.0
-"""The longest blackout budget: an hour of frozen workloads is no live update."""
-MAX_BACKOFF: Final = 3600.0
-"""The longest wait between two tries of a step."""
-MAX_ATTEMPTS: Final = 100
-"""The most tries of one step."""
-_DEFAULT_STEP_TIMEOUT: Final = 60.0
-_DEFAULT_BLACKOUT_BUDGET: Final = 10.0
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class _Key:
-    """One key of a playbook section: what the loader accepts and the reference shows.
-
-    :param name: the key.
-    :param kind: its type, as the reference names it.
-    :param doc: one line for the reference.
-    :param default: the default, as the reference shows it (``""``: none).
-    :param required: whether the key must be given.
-    :param low: the smallest number or duration accepted, if bounded.
-    :param high: the largest number or duration accepted, if bounded.
-    """
-
-    name: str
-    kind: str
-    doc: str
-    default: str = ""
-    required: bool = False
-    low: float | None = None
-    high: float | None = None
-
-
-_BUDGET_KEY: Final = _Key(
-    "blackout_budget",
-    "duration",
-    "how long workloads may stay frozen (freeze, kexec and restore together)",
-    "10s",
-    low=MIN_TIMEOUT,
-    high=MAX_BLACKOUT_BUDGET,
-)
-_DEFAULT_TIMEOUT_KEY: Final = _Key(
-    "timeout",
-    "duration",
-    "how long one try of a step may take, for steps that set none",
-    "60s",
-    low=MIN_TIMEOUT,
-    high=MAX_TIMEOUT,
-)
-_PHASE_TIMEOUT_KEY: Final = _Key(
-    "timeout",
-    "duration",
-    "the budget of the whole phase, retries included",
-    "none (each step's own timeout)",
-    low=MIN_TIMEOUT,
-    high=MAX_TIMEOUT,
-)
-_STEP_TIMEOUT_KEY: Final = _Key(
-    "timeout",
-    "duration",
-    "how long one try of this step may take",
-    "defaults.timeout",
-    low=MIN_TIMEOUT,
-    high=MAX_TIMEOUT,
-)
-_ATTEMPTS_KEY: Final = _Key(
-    "attempts",
-    "integer",
-    "tries in all; 1 means no retry",
-    "1",
-    low=1,
-    high=MAX_ATTEMPTS,
-)
-_BACKOFF_KEY: Final = _Key(
-    "backoff",
-    "duration",
-    "the first wait between tries; each next wait doubles",
-    "100ms",
-    low=0,
-    high=MAX_BACKOFF,
-)
-_MAX_BACKOFF_KEY: Final = _Key(
-    "max_backoff",
-    "duration",
-    "the longest wait between tries",
-    "5s",
-    low=0,
-    high=MAX_BACKOFF,
-)
-
-SECTIONS: Final[Mapping[str, tuple[_Key, ...]]] = types.MappingProxyType(
-    {
-        "playbook": (
-            _Key("name", "string", "the playbook's name", required=True),
-            _Key("description", "string", "free text", '""'),
-            _Key(
-                "kernel",
-                "'real' or 'sim:DIR'",
-                "the running kernel: this host's /dev/liveupdate, or a simulated "
-                "one kept in DIR; `--kernel` and `$LIVEUPDATE_KERNEL` win over it",
-                "real",
-            ),
-            _Key(
-                "state_dir",
-                "path",
-                "the journal and run state; must survive the kexec (not tmpfs); "
-                "`--state-dir` wins over it",
-                "/var/lib/liveupdate",
-            ),
-            _Key("next_kernel", "mapping", "the kernel to kexec into", "none"),
-            _BUDGET_KEY,
-            _Key("defaults", "mapping", "what steps get when they set nothing", "{}"),
-            _Key(
-                "phases",
-                "mapping",
-                "phase name: its steps; at least one phase",
-                required=True,
-            ),
-        ),
-        "next_kernel": (
-            _Key("image", "path", "the kernel image", required=True),
-            _Key("initrd", "path", "the initramfs", "none"),
-            _Key(
-                "cmdline",
-                "string",
-                "the kernel command line, used as is (nothing is appended)",
-                "the running kernel's",
-            ),
-        ),
-        "defaults": (
-            _DEFAULT_TIMEOUT_KEY,
-            _Key("retry", "mapping", "the retry policy of every step", "no retry"),
-        ),
-        "retry": (
-            _ATTEMPTS_KEY,
-            _BACKOFF_KEY,
-            _MAX_BACKOFF_KEY,
-            _Key(
-                "on_errno",
-                "list of errno names",
-                "also retry OSErrors with these errnos, e.g. [EAGAIN, EBUSY]",
-                "[] (transient errors only)",
-            ),
-        ),
-        "phases.PHASE": (
-            _PHASE_TIMEOUT_KEY,
-            _Key("steps", "list of steps", "at least one, run in order", required=True),
-        ),
-        "step": (
-            _Key("plugin", "string", "the plugin that runs the step", required=True),
-            _Key(
-                "name",
-                "string",
-                "a label for logs and metrics, distinct within the phase",
-                "the plugin's name",
-            ),
-            _STEP_TIMEOUT_KEY,
-            _Key(
-                "retry",
-                "mapping",
-                "this step's retry keys, merged over defaults.retry",
-                "defaults.retry",
-            ),
-            _Key(
-                "with", "mapping", "the plugin's options (see the plugins below)", "{}"
-            ),
-        ),
-    }
-)
-"""Every section of a playbook and its keys, in the order the reference lists them."""
-
 
 def _names(section: str) -> tuple[str, ...]:
-    return tuple(key.name for key in SECTIONS[section])
+    return tuple(key.name for key in _schema.SECTIONS[section])
 
 
 _TOP_KEYS: Final = _names("playbook")
@@ -640,7 +468,7 @@ class _Parser:
         raw = self.string(node, what, empty=False)
         return Path(os.path.abspath(self.base / raw))
 
-    def duration(self, node: yaml.Node, what: str, key: _Key) -> float:
+    def duration(self, node: yaml.Node, what: str, key: _schema.Key) -> float:
         if not isinstance(node, yaml.ScalarNode):
             self.fail(
                 node,
@@ -659,7 +487,7 @@ class _Parser:
         self,
         node: yaml.Node,
         what: str,
-        key: _Key,
+        key: _schema.Key,
         number: float,
         show: Callable[[float], str],
     ) -> None:
@@ -689,8 +517,8 @@ class _Parser:
         kernel: str | None = None
         state_dir: Path | None = None
         next_kernel: NextKernel | None = None
-        budget = _DEFAULT_BLACKOUT_BUDGET
-        step_timeout = _DEFAULT_STEP_TIMEOUT
+        budget = _schema.DEFAULT_BLACKOUT_BUDGET
+        step_timeout = _schema.DEFAULT_STEP_TIMEOUT
         retry: dict[str, Any] = {}
         drafts: dict[Phase, tuple[float | None, list[_StepDraft], Where]] = {}
         given: list[str] = []
@@ -709,7 +537,7 @@ class _Parser:
             elif key == "next_kernel":
                 next_kernel = self.next_kernel(key_node, value)
             elif key == "blackout_budget":
-                budget = self.duration(value, "blackout_budget", _BUDGET_KEY)
+                budget = self.duration(value, "blackout_budget", _schema.BUDGET)
             elif key == "defaults":
                 step_timeout, retry = self.defaults(value)
             else:
@@ -767,13 +595,15 @@ class _Parser:
         return NextKernel(image, initrd, cmdline)
 
     def defaults(self, node: yaml.Node) -> tuple[float, dict[str, Any]]:
-        timeout = _DEFAULT_STEP_TIMEOUT
+        timeout = _schema.DEFAULT_STEP_TIMEOUT
         retry: dict[str, Any] = {}
         for key, _, value in self.items(node, "defaults", _DEFAULTS_KEYS):
             if _is_null(value):
                 continue
             if key == "timeout":
-                timeout = self.duration(value, "defaults.timeout", _DEFAULT_TIMEOUT_KEY)
+                timeout = self.duration(
+                    value, "defaults.timeout", _schema.DEFAULT_TIMEOUT
+                )
             else:
                 retry = self.retry(value, "defaults.retry")
         return timeout, retry
@@ -790,12 +620,12 @@ class _Parser:
                         value,
                         f"{field}: expected a whole number >= 1, e.g. 3, got {_describe(value)}",
                     )
-                self.bounded(value, field, _ATTEMPTS_KEY, attempts, "{:g}".format)
+                self.bounded(value, field, _schema.ATTEMPTS, attempts, "{:g}".format)
                 out[key] = attempts
             elif key == "backoff":
-                out[key] = self.duration(value, field, _BACKOFF_KEY)
+                out[key] = self.duration(value, field, _schema.BACKOFF)
             elif key == "max_backoff":
-                out[key] = self.duration(value, field, _MAX_BACKOFF_KEY)
+                out[key] = self.duration(value, field, _schema.MAX_BACKOFF_KEY)
             else:
                 out[key] = self.errnos(value, field)
         return out
@@ -852,7 +682,7 @@ class _Parser:
             if key == "timeout":
                 if not _is_null(value):
                     timeout = self.duration(
-                        value, f"{what}.timeout", _PHASE_TIMEOUT_KEY
+                        value, f"{what}.timeout", _schema.PHASE_TIMEOUT
                     )
                 continue
             if not isinstance(value, yaml.SequenceNode):
@@ -897,7 +727,7 @@ class _Parser:
             elif key == "name":
                 name = self.string(value, f"{what}.name", empty=False)
             elif key == "timeout":
-                timeout = self.duration(value, f"{what}.timeout", _STEP_TIMEOUT_KEY)
+                timeout = self.duration(value, f"{what}.timeout", _schema.STEP_TIMEOUT)
             elif key == "retry":
                 retry = self.retry(value, f"{what}.retry")
             else:

@@ -1,6 +1,6 @@
 """Write the playbook reference, ``docs/playbook.md``, from the declarations.
 
-The tables come from what the loader checks (:data:`orchestrator._playbook.SECTIONS`
+The tables come from what the loader checks (:data:`orchestrator._playbook_schema.SECTIONS`
 and its bounds, :mod:`orchestrator._yaml`'s limits) and from each built-in
 plugin's ``options``; only the prose around them is written here. A test
 regenerates the file and compares, so the reference cannot drift::
@@ -18,14 +18,15 @@ import sys
 from typing import TYPE_CHECKING, Final
 
 from ._phases import Phase
-from ._playbook import SECTIONS, format_duration
+from ._playbook import format_duration
+from ._playbook_schema import SECTIONS
 from ._yaml import MAX_BYTES, MAX_DEPTH, MAX_NUMBER_CHARS, MAX_VALUES
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._options import Option
-    from ._playbook import _Key
+    from ._playbook_schema import Key
 
 __all__ = ["EXAMPLE", "render"]
 
@@ -174,7 +175,7 @@ mapping is passed to it as written, unchecked (beyond being plain data).
 """
 
 
-def _bounds(key: _Key) -> str:
+def _bounds(key: Key) -> str:
     if key.low is None and key.high is None:
         return ""
     show = format_duration if key.kind == "duration" else "{:g}".format
@@ -192,7 +193,7 @@ def _table(rows: Sequence[tuple[str, str, str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _key_rows(keys: Sequence[_Key]) -> list[tuple[str, str, str, str, str]]:
+def _key_rows(keys: Sequence[Key]) -> list[tuple[str, str, str, str, str]]:
     return [
         (
             f"`{key.name}`",

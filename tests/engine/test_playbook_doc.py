@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator._playbook import load_playbook
+from orchestrator import _playbook_schema as schema
+from orchestrator._playbook import RetryPolicy, load_playbook, parse_duration
 from orchestrator._playbook_doc import EXAMPLE, render
 from orchestrator.cli import main
 
@@ -93,3 +94,22 @@ def test_plan_changes_nothing_on_disk(
     assert "kexec (the engine" in out
     assert snapshot(tmp_path) == before
     assert not (tmp_path / ".state").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        pytest.param(schema.BUDGET, schema.DEFAULT_BLACKOUT_BUDGET, id="budget"),
+        pytest.param(schema.DEFAULT_TIMEOUT, schema.DEFAULT_STEP_TIMEOUT, id="timeout"),
+        pytest.param(schema.BACKOFF, RetryPolicy().backoff, id="backoff"),
+        pytest.param(
+            schema.MAX_BACKOFF_KEY, RetryPolicy().max_backoff, id="max-backoff"
+        ),
+        pytest.param(schema.ATTEMPTS, RetryPolicy().attempts, id="attempts"),
+    ],
+)
+def test_documented_defaults_are_the_loaders(key: schema.Key, value: float) -> None:
+    if key.kind == "integer":
+        assert int(key.default) == value
+    else:
+        assert parse_duration(key.default, key.name) == value
