@@ -22,12 +22,14 @@ if TYPE_CHECKING:
         TransientError,
     )
     from ._hookspecs import hookimpl, hookspec
+    from ._options import Option, check_options, option_value
     from ._phases import Phase, State
     from ._playbook import Playbook, Step, load_playbook
 
 __all__ = [
     "Engine",
     "InvalidArgumentError",
+    "Option",
     "OrchestratorError",
     "Outcome",
     "Phase",
@@ -41,9 +43,11 @@ __all__ = [
     "Step",
     "StepContext",
     "TransientError",
+    "check_options",
     "hookimpl",
     "hookspec",
     "load_playbook",
+    "option_value",
     "plugin_manager",
 ]
 
@@ -67,6 +71,9 @@ _LAZY = {
     "load_playbook": "._playbook",
     "Playbook": "._playbook",
     "Step": "._playbook",
+    "Option": "._options",
+    "check_options": "._options",
+    "option_value": "._options",
 }
 
 

@@ -87,6 +87,20 @@ def _load(
 ) -> tuple[Playbook, Kernel, Path, PluginManager]:
     """The playbook, kernel, state dir and plugin manager a command works with.
 
+    Making the kernel may create its state (a simulated kernel's directory):
+    a command that must change nothing uses :func:`_inputs` instead.
+    """
+    from .luo import kernel_from_spec
+
+    playbook, spec, state, pm = _inputs(args, in_blackout=in_blackout)
+    return playbook, kernel_from_spec(spec), state, pm
+
+
+def _inputs(
+    args: argparse.Namespace, *, in_blackout: bool = False
+) -> tuple[Playbook, str, Path, PluginManager]:
+    """The playbook, kernel spec, state dir and plugin manager, touching nothing.
+
     :param in_blackout: resume after a kexec: load only the built-in plugins
         the playbook names, and third-party ones only if it names one
         (importing every plugin and scanning the installed distributions for
@@ -95,7 +109,7 @@ def _load(
     """
     from ._engine import plugin_manager
     from ._playbook import load_playbook
-    from .luo import kernel_from_spec
+    from .luo import KERNEL_ENV
 
     if in_blackout:
         playbook = load_playbook(args.playbook)
@@ -109,22 +123,29 @@ def _load(
         pm = plugin_manager()
         known = {name for name, _ in pm.list_name_plugin()}
         playbook = load_playbook(args.playbook, known_plugins=known)
-    spec = getattr(args, "kernel", None) or playbook.kernel
-    kernel = kernel_from_spec(spec)
+    spec = (
+        getattr(args, "kernel", None)
+        or playbook.kernel
+        or os.environ.get(KERNEL_ENV)
+        or "real"
+    )
     state = Path(
         getattr(args, "state_dir", None) or playbook.state_dir or "/var/lib/liveupdate"
     )
-    return playbook, kernel, state, pm
+    return playbook, spec, state, pm
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from ._engine import check_playbook
 
-    playbook, kernel, state, pm = _load(args)
+    # Only reads: making the kernel would create a simulated kernel's directory.
+    playbook, spec, state, pm = _inputs(args)
+    if spec.startswith("sim:"):
+        spec = f"sim:{os.path.abspath(spec[4:])}"
     problems = check_playbook(pm, playbook)
     print(f"playbook {playbook.name!r} ({playbook.path})")
     print(
-        f"kernel {kernel.spec}; state dir {state}; blackout budget "
+        f"kernel {spec}; state dir {state}; blackout budget "
         f"{playbook.blackout_budget:g} s"
     )
     if playbook.next_kernel:

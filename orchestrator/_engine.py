@@ -28,6 +28,7 @@ from ._context import RunContext, StepContext
 from ._errors import PhaseError, PhaseTimeoutError, PluginError, UnfinishedUpdateError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
 from ._journal import Journal, JournalError, last_run, resume_command, unfinished
+from ._options import Option, check_options
 from ._phases import Phase, State
 from ._preserve import open_preserver
 from ._resume import Plan, read_plan, remove_plan, write_plan
@@ -87,6 +88,15 @@ def plugin_manager(
         raise PluginError(
             str(exc.plugin), f"{exc} (hooks are {known} and their _rollback)"
         ) from exc
+    for name, plugin in pm.list_name_plugin():
+        schema = getattr(plugin, "options", None)
+        if schema is not None and not (
+            isinstance(schema, tuple | list)
+            and all(isinstance(o, Option) for o in schema)
+        ):
+            raise PluginError(
+                str(name), "'options' must be a tuple of orchestrator.Option, or absent"
+            )
     return pm
 
 
@@ -104,18 +114,34 @@ def hook_for(
 
 
 def check_playbook(pm: pluggy.PluginManager, playbook: Playbook) -> list[str]:
-    """Problems that would stop *playbook* (steps naming hooks no plugin has)."""
+    """Problems that would stop *playbook*, each starting with ``file:line``.
+
+    Steps naming a plugin that is not loaded or a hook it lacks, and ``with:``
+    options the plugin's declared ``options`` refuse (unknown keys, wrong
+    types, numbers out of bounds). A plugin that declares no ``options`` gets
+    its ``with:`` unchecked.
+    """
     problems = []
     for step in playbook.steps():
-        if pm.get_plugin(step.plugin) is None:
+        plugin = pm.get_plugin(step.plugin)
+        if plugin is None:
             known = ", ".join(sorted(n for n, _ in pm.list_name_plugin()))
             problems.append(
                 f"{step.where}: unknown plugin {step.plugin!r} (known: {known})"
             )
-        elif hook_for(pm, step.plugin, f"lu_{step.phase.value}") is None:
+            continue
+        if hook_for(pm, step.plugin, f"lu_{step.phase.value}") is None:
             problems.append(
                 f"{step.where}: plugin {step.plugin!r} has no hook for phase "
                 f"{step.phase.value} (lu_{step.phase.value})"
+            )
+        schema = getattr(plugin, "options", None)
+        if schema is not None:
+            problems.extend(
+                f"{step.where.file}:{step.option_lines.get(key, step.where.line)}: "
+                f"phases.{step.phase.value}.steps[{step.index}].with.{key}: "
+                f"{problem} (plugin {step.plugin!r})"
+                for key, problem in check_options(schema, step.options)
             )
     return problems
 

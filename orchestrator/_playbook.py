@@ -2,11 +2,21 @@
 
 A playbook names the plugins that run in each phase of a live update, with
 their options, timeouts and retry policies. Loading walks the YAML *node* tree
-(``yaml.compose``) rather than the constructed objects, so every problem is
-reported as a :class:`~orchestrator.PlaybookError` naming ``file:line`` and
-what was expected there. Only the first problem, in document order, is raised.
+rather than the constructed objects, so every problem is reported as a
+:class:`~orchestrator.PlaybookError` naming ``file:line`` and what was
+expected there. Only the first problem, in document order, is raised.
+
+The tree comes from :mod:`orchestrator._yaml`, which bounds the document
+(size, nesting, alias expansion) and refuses duplicate and merge keys at every
+depth; the keys of each section and their bounds (timeouts 1ms .. 24h,
+attempts 1 .. 100, ...) are declared in :mod:`orchestrator._playbook_schema`,
+which ``docs/playbook.md`` is generated from. A step's ``with:`` must be plain
+data; the plugin's declared options are checked by
+:func:`orchestrator._engine.check_playbook`, which knows the plugins.
 
 .. versionadded:: 0.1
+.. versionchanged:: 0.2
+   Bounded composition, bounds on every number, plain-data options.
 """
 
 from __future__ import annotations
@@ -18,17 +28,20 @@ import math
 import os
 import re
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
 import yaml
 
+from . import _playbook_schema as _schema
 from ._errors import PlaybookError
 from ._phases import Phase
+from ._yaml import MAX_BYTES as _MAX_BYTES
+from ._yaml import compose
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 __all__ = [
     "NextKernel",
@@ -37,6 +50,7 @@ __all__ = [
     "RetryPolicy",
     "Step",
     "Where",
+    "format_duration",
     "load_playbook",
     "parse_duration",
     "parse_playbook",
@@ -44,8 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_STEP_TIMEOUT: Final = 60.0
-_DEFAULT_BLACKOUT_BUDGET: Final = 10.0
 _DURATION_EXAMPLE: Final = (
     "a number of seconds or a string such as '30s', '250ms', '1.5m'"
 )
@@ -56,24 +68,24 @@ _DURATION_RE: Final = re.compile(
     r"\s*(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*(?P<unit>us|µs|ms|s|m|h)\s*"
 )
 
-_TOP_KEYS: Final = (
-    "name",
-    "description",
-    "kernel",
-    "state_dir",
-    "next_kernel",
-    "blackout_budget",
-    "defaults",
-    "phases",
-)
-_NEXT_KERNEL_KEYS: Final = ("image", "initrd", "cmdline")
-_DEFAULTS_KEYS: Final = ("timeout", "retry")
-_RETRY_KEYS: Final = ("attempts", "backoff", "max_backoff", "on_errno")
-_PHASE_KEYS: Final = ("timeout", "steps")
-_STEP_KEYS: Final = ("plugin", "name", "timeout", "retry", "with")
+
+def _names(section: str) -> tuple[str, ...]:
+    return tuple(key.name for key in _schema.SECTIONS[section])
+
+
+_TOP_KEYS: Final = _names("playbook")
+_NEXT_KERNEL_KEYS: Final = _names("next_kernel")
+_DEFAULTS_KEYS: Final = _names("defaults")
+_RETRY_KEYS: Final = _names("retry")
+_PHASE_KEYS: Final = _names("phases.PHASE")
+_STEP_KEYS: Final = _names("step")
 
 _STR_TAG: Final = "tag:yaml.org,2002:str"
 _NULL_TAG: Final = "tag:yaml.org,2002:null"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
+_PLAIN_TAGS: Final = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("str", "int", "float", "bool", "null")
+)
 _CONFIGURABLE: Final = tuple(p for p in Phase if p.configurable)
 
 
@@ -141,6 +153,8 @@ class Step:
     :param retry: the retry policy, merged over ``defaults.retry``.
     :param where: where the step is written.
     :param index: the step's position within its phase, from 0.
+    :param option_lines: the line of each key of ``with:``, for messages about
+        an option (see :func:`orchestrator.check_options`).
     """
 
     phase: Phase
@@ -151,6 +165,9 @@ class Step:
     retry: RetryPolicy
     where: Where
     index: int
+    option_lines: Mapping[str, int] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
 
 
 @final
@@ -224,7 +241,10 @@ def parse_duration(value: object, what: str) -> float:
             f"{what}: expected a duration ({_DURATION_EXAMPLE}), got {value!r}"
         )
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"{what}: {value} seconds is too long") from None
     elif isinstance(value, str):
         match = _DURATION_RE.fullmatch(value)
         if match is None:
@@ -264,11 +284,26 @@ def load_playbook(
     """
     name = os.fspath(path)
     try:
-        text = Path(name).read_text(encoding="utf-8")
+        with open(name, "rb") as file:
+            data = file.read(_MAX_BYTES + 1)
     except OSError as exc:
         raise PlaybookError(name, None, f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_BYTES:
+        line = data.count(b"\n", 0, _MAX_BYTES) + 1
+        raise PlaybookError(
+            name, line, f"the playbook is longer than {_MAX_BYTES // 1024} KiB"
+        )
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PlaybookError(name, None, f"not UTF-8 text: {exc.reason}") from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PlaybookError(
+            name,
+            line,
+            f"not UTF-8 text: {exc.reason} (byte 0x{data[exc.start]:02x}, "
+            f"column {column})",
+        ) from exc
     base = Path(os.path.abspath(name)).parent
     return parse_playbook(text, name, known_plugins, base)
 
@@ -293,47 +328,28 @@ def parse_playbook(
     """
     if base_dir is None:
         base_dir = Path.cwd() if path.startswith("<") else Path(path).parent
-    root = _compose(text, path)
+    root = compose(text, path)
+    if root is None:
+        raise PlaybookError(
+            path, 1, "the file is empty; expected a mapping with 'name' and 'phases'"
+        )
     known = None if known_plugins is None else frozenset(known_plugins)
     playbook = _Parser(path, Path(os.path.abspath(base_dir)), known).playbook(root)
     logger.debug("loaded playbook %r from %s", playbook.name, path)
     return playbook
 
 
-def _compose(text: str, path: str) -> yaml.Node:
-    """Parse *text* into exactly one YAML node tree, translating YAML errors."""
-    try:
-        loader = yaml.SafeLoader(text)  # checks for unprintable characters
-        root = loader.get_node() if loader.check_node() else None
-        if root is not None and loader.check_node():
-            # Point at the second document's "---", not at its first value.
-            event: yaml.Event = loader.peek_event()  # type: ignore[no-untyped-call]
-            mark = event.start_mark
-            raise PlaybookError(
-                path,
-                None if mark is None else mark.line + 1,
-                "expected a single YAML document, found another one here",
-            )
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = exc.problem or exc.context or "malformed YAML"
-        raise PlaybookError(
-            path, None if mark is None else mark.line + 1, f"invalid YAML: {problem}"
-        ) from exc
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        raise PlaybookError(
-            path, line, f"invalid YAML: unacceptable character {exc.character!r}"
-        ) from exc
-    except yaml.YAMLError as exc:
-        raise PlaybookError(path, None, f"invalid YAML: {exc}") from exc
-    except RecursionError as exc:
-        raise PlaybookError(path, None, "invalid YAML: nested too deeply") from exc
-    if root is None:
-        raise PlaybookError(
-            path, None, "the file is empty; expected a mapping with 'name' and 'phases'"
-        )
-    return root
+def format_duration(seconds: float) -> str:
+    """Write *seconds* the way a playbook would: ``"100ms"``, ``"5s"``, ``"24h"``.
+
+    .. versionadded:: 0.2
+    """
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    if seconds == 0 or seconds >= 1:
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
 
 
 def _line(node: yaml.Node) -> int:
@@ -366,6 +382,7 @@ class _StepDraft:
     plugin: str
     name: str
     options: Mapping[str, Any]
+    option_lines: Mapping[str, int]
     timeout: float | None
     retry: dict[str, Any]
     where: Where
@@ -434,10 +451,6 @@ class _Parser:
         except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
             detail = getattr(exc, "problem", None) or str(exc)
             self.fail(node, f"{what}: invalid value: {detail}")
-        except RecursionError as exc:
-            raise PlaybookError(
-                self.path, _line(node), f"{what}: nested too deeply"
-            ) from exc
         finally:
             loader.dispose()
 
@@ -455,20 +468,40 @@ class _Parser:
         raw = self.string(node, what, empty=False)
         return Path(os.path.abspath(self.base / raw))
 
-    def duration(self, node: yaml.Node, what: str, *, positive: bool) -> float:
+    def duration(self, node: yaml.Node, what: str, key: _schema.Key) -> float:
         if not isinstance(node, yaml.ScalarNode):
             self.fail(
                 node,
                 f"{what}: expected a duration ({_DURATION_EXAMPLE}), "
                 f"got {_describe(node)}",
             )
+        value = self.construct(node, what)
         try:
-            seconds = parse_duration(self.construct(node, what), what)
+            seconds = parse_duration(value, what)
         except ValueError as exc:
             self.fail(node, str(exc))
-        if positive and seconds <= 0:
-            self.fail(node, f"{what}: must be greater than zero, e.g. '30s'")
+        self.bounded(node, what, key, seconds, format_duration)
         return seconds
+
+    def bounded(
+        self,
+        node: yaml.Node,
+        what: str,
+        key: _schema.Key,
+        number: float,
+        show: Callable[[float], str],
+    ) -> None:
+        """Refuse *number* outside the bounds *key* declares."""
+        if key.low is not None and number < key.low:
+            self.fail(
+                node,
+                f"{what}: must be at least {show(key.low)}, got {node.value}"
+                + (" (it must be greater than zero)" if key.low > 0 >= number else ""),
+            )
+        if key.high is not None and number > key.high:
+            self.fail(
+                node, f"{what}: must be at most {show(key.high)}, got {node.value}"
+            )
 
     # -- sections -----------------------------------------------------------
 
@@ -484,8 +517,8 @@ class _Parser:
         kernel: str | None = None
         state_dir: Path | None = None
         next_kernel: NextKernel | None = None
-        budget = _DEFAULT_BLACKOUT_BUDGET
-        step_timeout = _DEFAULT_STEP_TIMEOUT
+        budget = _schema.DEFAULT_BLACKOUT_BUDGET
+        step_timeout = _schema.DEFAULT_STEP_TIMEOUT
         retry: dict[str, Any] = {}
         drafts: dict[Phase, tuple[float | None, list[_StepDraft], Where]] = {}
         given: list[str] = []
@@ -504,7 +537,7 @@ class _Parser:
             elif key == "next_kernel":
                 next_kernel = self.next_kernel(key_node, value)
             elif key == "blackout_budget":
-                budget = self.duration(value, "blackout_budget", positive=True)
+                budget = self.duration(value, "blackout_budget", _schema.BUDGET)
             elif key == "defaults":
                 step_timeout, retry = self.defaults(value)
             else:
@@ -562,13 +595,15 @@ class _Parser:
         return NextKernel(image, initrd, cmdline)
 
     def defaults(self, node: yaml.Node) -> tuple[float, dict[str, Any]]:
-        timeout = _DEFAULT_STEP_TIMEOUT
+        timeout = _schema.DEFAULT_STEP_TIMEOUT
         retry: dict[str, Any] = {}
         for key, _, value in self.items(node, "defaults", _DEFAULTS_KEYS):
             if _is_null(value):
                 continue
             if key == "timeout":
-                timeout = self.duration(value, "defaults.timeout", positive=True)
+                timeout = self.duration(
+                    value, "defaults.timeout", _schema.DEFAULT_TIMEOUT
+                )
             else:
                 retry = self.retry(value, "defaults.retry")
         return timeout, retry
@@ -585,11 +620,12 @@ class _Parser:
                         value,
                         f"{field}: expected a whole number >= 1, e.g. 3, got {_describe(value)}",
                     )
-                if attempts < 1:
-                    self.fail(value, f"{field}: must be at least 1, got {attempts}")
+                self.bounded(value, field, _schema.ATTEMPTS, attempts, "{:g}".format)
                 out[key] = attempts
-            elif key in ("backoff", "max_backoff"):
-                out[key] = self.duration(value, field, positive=False)
+            elif key == "backoff":
+                out[key] = self.duration(value, field, _schema.BACKOFF)
+            elif key == "max_backoff":
+                out[key] = self.duration(value, field, _schema.MAX_BACKOFF_KEY)
             else:
                 out[key] = self.errnos(value, field)
         return out
@@ -645,7 +681,9 @@ class _Parser:
         for key, _, value in self.items(node, what, _PHASE_KEYS):
             if key == "timeout":
                 if not _is_null(value):
-                    timeout = self.duration(value, f"{what}.timeout", positive=True)
+                    timeout = self.duration(
+                        value, f"{what}.timeout", _schema.PHASE_TIMEOUT
+                    )
                 continue
             if not isinstance(value, yaml.SequenceNode):
                 self.fail(
@@ -680,6 +718,7 @@ class _Parser:
         timeout: float | None = None
         retry: dict[str, Any] = {}
         options: dict[str, Any] = {}
+        option_lines: dict[str, int] = {}
         for key, _, value in self.items(node, what, _STEP_KEYS):
             if key == "plugin":
                 plugin = self.plugin(value, f"{what}.plugin")
@@ -688,11 +727,11 @@ class _Parser:
             elif key == "name":
                 name = self.string(value, f"{what}.name", empty=False)
             elif key == "timeout":
-                timeout = self.duration(value, f"{what}.timeout", positive=True)
+                timeout = self.duration(value, f"{what}.timeout", _schema.STEP_TIMEOUT)
             elif key == "retry":
                 retry = self.retry(value, f"{what}.retry")
             else:
-                options = self.options(value, f"{what}.with")
+                options, option_lines = self.options(value, f"{what}.with")
         if plugin is None:
             self.fail(node, f"{what}: missing required key 'plugin'")
         return _StepDraft(
@@ -700,6 +739,7 @@ class _Parser:
             plugin=plugin,
             name=plugin if name is None else name,
             options=types.MappingProxyType(options),
+            option_lines=types.MappingProxyType(option_lines),
             timeout=timeout,
             retry=retry,
             where=self.where(node),
@@ -717,14 +757,39 @@ class _Parser:
             )
         return plugin
 
-    def options(self, node: yaml.Node, what: str) -> dict[str, Any]:
-        # Check the keys on the nodes (for duplicates and lines), then build values.
-        for _ in self.items(node, what, None):
-            pass
+    def options(
+        self, node: yaml.Node, what: str
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The ``with:`` mapping's values and the line of each of its keys."""
+        lines: dict[str, int] = {}
+        for key, key_node, value_node in self.items(node, what, None):
+            lines[key] = _line(key_node)
+            self.plain(value_node, f"{what}.{key}")
         value = self.construct(node, what)
         if not isinstance(value, dict):  # pragma: no cover - items() checked it
             self.fail(node, f"{what}: expected a mapping")
-        return value
+        return value, lines
+
+    def plain(self, node: yaml.Node, what: str) -> None:
+        """Refuse anything but plain data (what JSON holds) in an option.
+
+        The composer bounded the expanded size and depth, so this walk is bounded.
+        """
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag not in _PLAIN_TAGS:
+                self.fail(
+                    node,
+                    f"{what}: {_describe(node)} is not plain data (strings, numbers, "
+                    "booleans, null, lists, mappings); quote it to pass a string",
+                )
+        elif isinstance(node, yaml.SequenceNode):
+            if node.tag != _SEQ_TAG:
+                self.fail(node, f"{what}: {node.tag} is not a plain list")
+            for i, item in enumerate(node.value):
+                self.plain(item, f"{what}[{i}]")
+        else:
+            for key, _, value in self.items(node, what, None):
+                self.plain(value, f"{what}.{key}")
 
     def finish(
         self, draft: _StepDraft, default_timeout: float, default_retry: dict[str, Any]
@@ -738,4 +803,5 @@ class _Parser:
             retry=RetryPolicy(**(default_retry | draft.retry)),
             where=draft.where,
             index=draft.index,
+            option_lines=draft.option_lines,
         )

@@ -1,6 +1,6 @@
 """Fault injection, to rehearse failures in any phase before the kexec.
 
-Options (``with:``):
+Options (``with:``, declared in :data:`OPTIONS`):
 
 - ``fail: MESSAGE`` -- raise an error;
 - ``transient_failures: N`` -- fail with a transient (retried) error on the
@@ -9,6 +9,7 @@ Options (``with:``):
 - ``kill_workload: NAME`` -- SIGKILL a demo workload (a workload dies);
 - ``kill_self: true`` -- SIGKILL the orchestrator itself (a crash mid-phase);
 - ``trace: PATH`` -- append ``<phase>`` / ``<phase>_rollback`` lines to PATH;
+- ``registry: DIR`` -- where ``kill_workload`` finds the workload;
 - ``rollback_hang: SECONDS`` -- sleep in the rollback (to signal it meanwhile).
 """
 
@@ -22,10 +23,40 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from orchestrator import TransientError, hookimpl
+from orchestrator import Option, TransientError, hookimpl, option_value
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
+
+
+OPTIONS = (
+    Option("fail", str, "raise an error with this message"),
+    Option(
+        "transient_failures",
+        int,
+        "fail with a transient (retried) error on the first N attempts",
+        default=0,
+        min=0,
+        max=100,
+    ),
+    Option("hang", float, "sleep this many seconds first", min=0, max=86400),
+    Option(
+        "rollback_hang",
+        float,
+        "sleep this many seconds in the rollback (to signal it meanwhile)",
+        min=0,
+        max=3600,
+    ),
+    Option("kill_workload", str, "SIGKILL this demo workload"),
+    Option("kill_self", bool, "SIGKILL the orchestrator itself", default=False),
+    Option("trace", str, "append `<phase>` and `<phase>_rollback` lines to this file"),
+    Option(
+        "registry",
+        str,
+        "where kill_workload finds the workload",
+        default_doc="STATE_DIR/workloads",
+    ),
+)
 
 
 class InjectedError(Exception):
@@ -48,27 +79,32 @@ async def _act(ctx: StepContext) -> None:
     _trace(ctx, ctx.step.phase.value)
     if opts.get("kill_self"):
         os.kill(os.getpid(), signal.SIGKILL)
-    if "kill_workload" in opts:
-        registry = Path(opts.get("registry") or ctx.state_dir / "workloads")
+    if opts.get("kill_workload") is not None:
+        registry = Path(
+            option_value(opts, OPTIONS, "registry") or ctx.state_dir / "workloads"
+        )
         info = json.loads((registry / f"{opts['kill_workload']}.json").read_text())
         os.kill(int(info["pid"]), signal.SIGKILL)
-    if ctx.attempt <= int(opts.get("transient_failures", 0)):
+    if ctx.attempt <= int(option_value(opts, OPTIONS, "transient_failures")):
         raise InjectedTransientError(f"transient failure on attempt {ctx.attempt}")
-    if "hang" in opts:
+    if opts.get("hang") is not None:
         await anyio.sleep(float(opts["hang"]))
-    if "fail" in opts:
+    if opts.get("fail") is not None:
         raise InjectedError(str(opts["fail"]))
 
 
 async def _undo(ctx: StepContext) -> None:
     _trace(ctx, f"{ctx.step.phase.value}_rollback")
-    if "rollback_hang" in ctx.options:
+    if ctx.options.get("rollback_hang") is not None:
         await anyio.sleep(float(ctx.options["rollback_hang"]))
         _trace(ctx, f"{ctx.step.phase.value}_rollback_done")
 
 
 class FaultsPlugin:
+    """Fails, hangs or kills on demand, in any phase before the kexec."""
+
     name = "faults"
+    options = OPTIONS
 
     @hookimpl
     async def lu_quiesce(self, ctx: StepContext) -> None:

@@ -1,8 +1,9 @@
 """Load the next kernel in PREPARE; unload it on CANCEL.
 
-Options (``with:``): ``image``, ``initrd``, ``cmdline`` -- default to the
-playbook's ``next_kernel``; without a ``cmdline`` the running kernel's is
-used, as is (the engine never appends to it, so markers never accumulate).
+Options (``with:``, see :data:`OPTIONS`): ``image``, ``initrd``, ``cmdline``
+-- default to the playbook's ``next_kernel``; without a ``cmdline`` the running
+kernel's is used, as is (the engine never appends to it, so markers never
+accumulate).
 """
 
 from __future__ import annotations
@@ -12,14 +13,29 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from orchestrator import PlaybookError, hookimpl
+from orchestrator import Option, PlaybookError, hookimpl
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
 
 
+OPTIONS = (
+    Option("image", str, "the kernel image", default_doc="next_kernel.image"),
+    Option("initrd", str, "the initramfs", default_doc="next_kernel.initrd"),
+    Option(
+        "cmdline",
+        str,
+        "the kernel command line",
+        default_doc="next_kernel.cmdline, else the running kernel's",
+    ),
+)
+
+
 class KexecPlugin:
+    """Loads the next kernel in PREPARE; unloads it if the update is cancelled."""
+
     name = "kexec"
+    options = OPTIONS
 
     @hookimpl
     async def lu_prepare(self, ctx: StepContext) -> None:

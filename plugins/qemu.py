@@ -19,7 +19,7 @@ the spec to start the same machine again). Guest RAM is a shared memfd.
 - finish: each VM runs; ``x-ignore-shared`` is switched off again (a later
   ordinary migration must carry RAM).
 
-Options (``with:``), on any step of this plugin:
+Options (``with:``), on any step of this plugin (declared in :data:`OPTIONS`):
 
 - ``registry``: the VM registry (default ``STATE_DIR/qemu``);
 - ``vms``: the VMs to update, names or ``{name: ..., qmp: ...}`` (default: all
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from orchestrator import OrchestratorError, hookimpl
+from orchestrator import Option, OrchestratorError, hookimpl, option_value
 from orchestrator.vmm import (
     QmpCommandError,
     QmpError,
@@ -63,7 +63,72 @@ if TYPE_CHECKING:
     from orchestrator import StepContext
     from orchestrator.vmm import QmpClient
 
-OPTIONS = frozenset({"registry", "vms", "probe", "qmp_timeout", "migrate_timeout"})
+
+def _vms_problem(value: list[Any]) -> str | None:
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            continue
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and item["name"]
+            and set(item) <= {"name", "qmp"}
+            and isinstance(item.get("qmp", ""), str)
+        ):
+            continue
+        return f"item {i}: expected a VM name or {{name: NAME, qmp: SOCKET}}, got {item!r:.60}"
+    return None
+
+
+def _probe_problem(value: int | str | list[Any]) -> str | None:
+    try:
+        _addresses(value)
+    except (TypeError, ValueError):
+        return f"expected guest-physical addresses (e.g. 0x1000), got {value!r:.60}"
+    return None
+
+
+OPTIONS = (
+    Option(
+        "registry",
+        str,
+        "the directory where VMs publish themselves (NAME.json)",
+        default_doc="STATE_DIR/qemu",
+    ),
+    Option(
+        "vms",
+        list,
+        "the VMs to update: names or {name: NAME, qmp: SOCKET} (qmp overrides "
+        "the published socket)",
+        default_doc="all registered",
+        check=_vms_problem,
+    ),
+    Option(
+        "probe",
+        (int, str, list),
+        "quiesce or freeze step: guest-physical addresses whose 32-bit words "
+        "must read the same in the new QEMU before it resumes",
+        default_doc="none",
+        check=_probe_problem,
+    ),
+    Option(
+        "qmp_timeout",
+        float,
+        "seconds for each QMP command",
+        default=30.0,
+        min=0.001,
+        max=3600,
+    ),
+    Option(
+        "migrate_timeout",
+        float,
+        "seconds for saving or loading device state",
+        default=120.0,
+        min=0.001,
+        max=86400,
+    ),
+)
+_OPTION_KEYS = frozenset(option.key for option in OPTIONS)
 STATE_FD_NAME = "lu-state"
 IGNORE_SHARED = "x-ignore-shared"
 # query-status while stopped by us, before or after the device state was saved.
@@ -76,32 +141,43 @@ class QemuOptionsError(OrchestratorError, ValueError):
 
 def _options(ctx: StepContext) -> dict[str, Any]:
     opts = ctx.options
-    unknown = sorted(set(opts) - OPTIONS)
+    unknown = sorted(set(opts) - _OPTION_KEYS)
     if unknown:
         raise QemuOptionsError(
             f"qemu: unknown option(s) {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(OPTIONS))})"
+            f"(known: {', '.join(sorted(_OPTION_KEYS))})"
         )
     return opts
 
 
 def _registry(ctx: StepContext) -> Path:
-    return Path(_options(ctx).get("registry") or ctx.state_dir / "qemu")
+    return Path(
+        option_value(_options(ctx), OPTIONS, "registry") or ctx.state_dir / "qemu"
+    )
 
 
 def _qmp_timeout(ctx: StepContext) -> float:
-    return float(_options(ctx).get("qmp_timeout", 30))
+    return float(option_value(_options(ctx), OPTIONS, "qmp_timeout"))
 
 
 def _migrate_timeout(ctx: StepContext) -> float:
-    return float(_options(ctx).get("migrate_timeout", 120))
+    return float(option_value(_options(ctx), OPTIONS, "migrate_timeout"))
+
+
+def _addresses(raw: object) -> list[int]:
+    items = raw if isinstance(raw, list) else [raw]
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, int | str):
+            raise TypeError(a)
+        out.append(int(a, 0) if isinstance(a, str) else a)
+    return out
 
 
 def _probes(ctx: StepContext) -> list[int]:
-    raw = _options(ctx).get("probe", [])
-    items = raw if isinstance(raw, list) else [raw]
+    raw = _options(ctx).get("probe") or []
     try:
-        return [int(a, 0) if isinstance(a, str) else int(a) for a in items]
+        return _addresses(raw)
     except (TypeError, ValueError) as exc:
         raise QemuOptionsError(f"qemu: probe must be addresses, got {raw!r}") from exc
 
@@ -189,6 +265,7 @@ class QemuPlugin:
     """Moves QEMU VMs across the kexec with their RAM in a preserved memfd."""
 
     name = "qemu"
+    options = OPTIONS
 
     @hookimpl
     async def lu_quiesce(self, ctx: StepContext) -> None:

@@ -1,12 +1,15 @@
-"""Workloads that keep their state in a memfd (the demo key-value stores).
+"""Workloads that keep their state in a memfd: the demo's plugin.
 
-Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
+``liveupdate demo`` and ``playbooks/demo.yaml`` use it, with the demo
+key-value stores (:mod:`orchestrator.demo_kv`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
 SHA-256). quiesce checks they answer; preserve takes each memfd through
 ``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP: the
 blackout starts); after the kexec, restore starts each again on its retrieved
 memfd and checks the data's SHA-256 against the one recorded before.
 
-Options: ``registry`` (default ``STATE_DIR/workloads``).
+Options (``with:``): see :data:`OPTIONS`; ``count`` and ``size_mib`` are read
+by ``liveupdate demo`` only (from the first quiesce step), to start the
+workloads before the update.
 """
 
 from __future__ import annotations
@@ -24,11 +27,37 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from orchestrator import TransientError, hookimpl
+from orchestrator import Option, TransientError, hookimpl, option_value
 from orchestrator.demo_kv import ask
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
+
+
+OPTIONS = (
+    Option(
+        "registry",
+        str,
+        "the directory where workloads publish themselves (NAME.json)",
+        default_doc="STATE_DIR/workloads",
+    ),
+    Option(
+        "count",
+        int,
+        "demo only: how many workloads `liveupdate demo` starts",
+        default=2,
+        min=1,
+        max=64,
+    ),
+    Option(
+        "size_mib",
+        int,
+        "demo only: MiB of memfd data in each workload `liveupdate demo` starts",
+        default=128,
+        min=1,
+        max=16384,
+    ),
+)
 
 
 class WorkloadError(Exception):
@@ -40,7 +69,9 @@ class WorkloadNotReadyError(WorkloadError, TransientError):
 
 
 def _registry(ctx: StepContext) -> Path:
-    return Path(ctx.options.get("registry") or ctx.state_dir / "workloads")
+    return Path(
+        option_value(ctx.options, OPTIONS, "registry") or ctx.state_dir / "workloads"
+    )
 
 
 def launch(
@@ -139,6 +170,7 @@ class WorkloadsPlugin:
     during the update is started again from its data when the update is cancelled."""
 
     name = "workloads"
+    options = OPTIONS
 
     def __init__(self) -> None:
         self._held: dict[str, int] = {}

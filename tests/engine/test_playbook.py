@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,12 @@ from orchestrator._playbook import (
     Playbook,
     RetryPolicy,
     Where,
+    format_duration,
     load_playbook,
     parse_duration,
     parse_playbook,
 )
+from orchestrator._yaml import MAX_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -236,7 +239,7 @@ def test_all_is_exported() -> None:
     import orchestrator._playbook as module
 
     public = {n for n in vars(module) if not n.startswith("_") and n[0].isupper()}
-    public |= {"load_playbook", "parse_playbook", "parse_duration"}
+    public |= {"load_playbook", "parse_playbook", "parse_duration", "format_duration"}
     public -= {"Any", "Final", "NoReturn", "Path", "PlaybookError", "Phase"}
     public -= {"TYPE_CHECKING"}
     assert set(module.__all__) == public
@@ -337,8 +340,8 @@ ERRORS = [
         ],
         id="unknown-key-with-suggestion",
     ),
-    pytest.param("", None, ["empty"], id="empty-file"),
-    pytest.param("# only a comment\n", None, ["empty"], id="comments-only"),
+    pytest.param("", 1, ["empty"], id="empty-file"),
+    pytest.param("# only a comment\n", 1, ["empty"], id="comments-only"),
     pytest.param(
         "\n- name: t\n- phases: {}\n",
         2,
@@ -417,7 +420,7 @@ ERRORS = [
         "name: t\nphases:\n  quiesce:\n    steps:\n      - plugin: qemu\n"
         "        with: {when: 2020-13-45}\n",
         6,
-        ["steps[0].with: invalid value"],
+        ["steps[0].with.when: timestamp", "not plain data", "quote it"],
         id="with-bad-timestamp",
     ),
     pytest.param(
@@ -428,7 +431,7 @@ ERRORS = [
     ),
     pytest.param("name: t\tx: \x07\n", 1, ["invalid YAML"], id="control-character"),
     pytest.param(
-        "base: &b {name: t}\n<<: *b\n", 1, ["unknown key 'base'"], id="unknown-top-key"
+        "base: {name: t}\nname: t\n", 1, ["unknown key 'base'"], id="unknown-top-key"
     ),
     pytest.param("<<: {name: t}\n", 1, ["merge keys"], id="merge-key"),
 ]
@@ -456,6 +459,284 @@ def test_first_error_in_document_order() -> None:
 def test_unknown_plugins_allowed_without_known_set() -> None:
     playbook = parse_playbook(MINIMAL.replace("workloads", "anything"))
     assert playbook.steps()[0].plugin == "anything"
+
+
+# -- hostile input -------------------------------------------------------------
+
+STEP_AT_5 = "name: t\nphases:\n  quiesce:\n    steps:\n      - plugin: workloads\n"
+"""A playbook whose only step is on line 5; options and timeouts go after it."""
+
+
+def alias_bomb(levels: int) -> str:
+    """*levels* anchors of nine aliases each, inside the step's ``with:``."""
+    lines = ["        with:", "          b0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [
+        f"          b{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]"
+        for i in range(1, levels)
+    ]
+    return STEP_AT_5 + "\n".join(lines) + "\n"
+
+
+def error_of(text: str) -> PlaybookError:
+    with pytest.raises(PlaybookError) as info:
+        parse_playbook(text, "pb.yaml", KNOWN, Path("/base"))
+    assert str(info.value).startswith(f"pb.yaml:{info.value.line}: "), info.value
+    return info.value
+
+
+def test_alias_bomb_is_refused_after_bounded_work() -> None:
+    text = alias_bomb(9)  # 9**9 values once expanded
+    started = time.monotonic()
+    error = error_of(text)
+    elapsed = time.monotonic() - started
+    assert "aliases expand the document to more than 20000 values" in error.problem
+    # The first anchor whose expansion crosses the bound holds 9**5 > 20000 values.
+    assert error.line == 7 + 4
+    assert elapsed < 1.0  # generous: the work is bounded by MAX_VALUES
+
+
+def test_small_aliases_are_fine() -> None:
+    playbook = parse(
+        """\
+        name: t
+        defaults:
+          retry: &r {attempts: 2}
+        phases:
+          quiesce:
+            steps:
+              - {plugin: workloads, retry: *r, with: {registry: &reg /r}}
+          finish:
+            steps:
+              - {plugin: workloads, retry: *r, with: {registry: *reg}}
+        """
+    )
+    assert [s.retry.attempts for s in playbook.steps()] == [2, 2]
+    assert {s.options["registry"] for s in playbook.steps()} == {"/r"}
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needles"),
+    [
+        pytest.param(
+            STEP_AT_5 + "        with: {a: &x [1, *x]}\n",
+            6,
+            ["alias *x is inside the collection it names"],
+            id="recursive-alias",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: {a: " + "[" * 40 + "]" * 40 + "}\n",
+            6,
+            ["nested more than 32 levels deep"],
+            id="too-deep",
+        ),
+        pytest.param(
+            STEP_AT_5
+            + "        with:\n          deep: &d "
+            + "[" * 20
+            + "]" * 20
+            + "\n          again: "
+            + "[" * 15
+            + "*d"
+            + "]" * 15
+            + "\n",
+            8,
+            ["alias *d nests the document more than 32 deep"],
+            id="too-deep-through-an-alias",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: {a: *nope}\n",
+            6,
+            ["alias *nope names no anchor"],
+            id="undefined-alias",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: {a: &x 1,\n          b: &x 2}\n",
+            7,
+            ["anchor &x is already defined on line 6"],
+            id="anchor-defined-twice",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with:\n          a: 1\n          a: 2\n",
+            8,
+            ["duplicate key 'a' (first given on line 7)"],
+            id="duplicate-key-in-with",
+        ),
+        pytest.param(
+            STEP_AT_5
+            + "        with:\n          vms:\n            - name: a\n"
+            + "              qmp: /x\n              name: b\n",
+            10,
+            ["duplicate key 'name' (first given on line 8)"],
+            id="duplicate-key-deeper",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with:\n          a: {1: x,\n              0x1: y}\n",
+            8,
+            ["duplicate key '0x1' (first given on line 7)"],
+            id="duplicate-key-equal-as-values",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with:\n          a: {<<: {b: 1}, b: 2}\n",
+            7,
+            ["merge keys ('<<') are not supported"],
+            id="merge-key-at-depth",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        timeout: " + "9" * 80 + "\n",
+            6,
+            ["a number of more than 64 characters"],
+            id="huge-int",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        timeout: 1" + "0" * 50 + "\n",
+            6,
+            ["timeout: must be at most 24h"],
+            id="timeout-too-long",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        timeout: 1.0e-13\n",
+            6,
+            ["timeout: must be at least 1ms"],
+            id="timeout-too-short",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        timeout: 100us\n",
+            6,
+            ["timeout: must be at least 1ms"],
+            id="timeout-too-short-with-unit",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        retry: {backoff: 3.6e+24}\n",
+            6,
+            ["retry.backoff: must be at most 1h"],
+            id="backoff-too-long",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        retry: {max_backoff: 2h}\n",
+            6,
+            ["retry.max_backoff: must be at most 1h"],
+            id="max-backoff-too-long",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        retry: {attempts: 100000000000000000000}\n",
+            6,
+            ["retry.attempts: must be at most 100"],
+            id="attempts-too-many",
+        ),
+        pytest.param(
+            "name: t\nblackout_budget: 2h\n",
+            2,
+            ["blackout_budget: must be at most 1h"],
+            id="budget-too-long",
+        ),
+        pytest.param(
+            STEP_AT_5 + '        with: {a: "x\\ud800"}\n',
+            6,
+            ["invalid Unicode character escape"],
+            id="escaped-lone-surrogate",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        name: x\ud800y\n",
+            6,
+            ["lone surrogate U+D800"],
+            id="lone-surrogate",
+        ),
+        pytest.param(
+            STEP_AT_5 + '        with: {path: "/tmp/x\\0y"}\n',
+            6,
+            ["control character U+0000"],
+            id="escaped-nul",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: {blob: !!binary aGVsbG8=}\n",
+            6,
+            ["with.blob: binary", "not plain data"],
+            id="binary-option",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: {a: [1, {2: x}]}\n",
+            6,
+            ["with.a[1]: keys must be strings"],
+            id="non-string-key-in-option",
+        ),
+        pytest.param(
+            STEP_AT_5 + "        with: !!set {a, b}\n",
+            6,
+            ["with: expected a mapping"],
+            id="set-as-options",
+        ),
+    ],
+)
+def test_hostile(text: str, line: int, needles: list[str]) -> None:
+    error = error_of(text)
+    assert error.line == line, error
+    for needle in needles:
+        assert needle in error.problem, error
+
+
+def test_too_long_text() -> None:
+    text = STEP_AT_5 + "# a comment\n" * (MAX_BYTES // 12 + 1)
+    error = error_of(text)
+    assert "longer than 128 KiB" in error.problem
+    assert error.line is not None
+    assert error.line > 5
+
+
+def test_too_long_file_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    path.write_bytes(STEP_AT_5.encode() + b"#" * (4 * MAX_BYTES))
+    with pytest.raises(PlaybookError, match="longer than 128 KiB") as info:
+        load_playbook(path)
+    assert info.value.line == 6
+
+
+def test_non_utf8_bytes_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(STEP_AT_5.encode() + b"        name: caf\xe9\n")
+    with pytest.raises(PlaybookError) as info:
+        load_playbook(path)
+    assert str(info.value).startswith(f"{path}:6: not UTF-8 text")
+    assert "byte 0xe9, column 18" in str(info.value)
+
+
+def test_every_bound_is_inclusive() -> None:
+    playbook = parse(
+        STEP_AT_5
+        + "        timeout: 24h\n        retry: {attempts: 100, backoff: 1h}\n"
+        + "blackout_budget: 1ms\n"
+    )
+    (step,) = playbook.steps()
+    assert (step.timeout, step.retry.attempts, step.retry.backoff) == (
+        86400.0,
+        100,
+        3600.0,
+    )
+    assert playbook.blackout_budget == 0.001
+
+
+def test_option_lines_are_recorded() -> None:
+    (step,) = parse(
+        STEP_AT_5 + "        with:\n          registry: /r\n          count: 2\n"
+    ).steps()
+    assert dict(step.option_lines) == {"registry": 7, "count": 8}
+    assert dict(step.options) == {"registry": "/r", "count": 2}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        pytest.param(0.0, "0s", id="zero"),
+        pytest.param(0.001, "1ms", id="ms"),
+        pytest.param(0.1, "100ms", id="100ms"),
+        pytest.param(5.0, "5s", id="s"),
+        pytest.param(90.0, "90s", id="not-whole-minutes"),
+        pytest.param(120.0, "2m", id="m"),
+        pytest.param(86400.0, "24h", id="h"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text, "t") == pytest.approx(seconds)
 
 
 # -- durations -----------------------------------------------------------------
