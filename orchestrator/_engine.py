@@ -250,6 +250,11 @@ class Engine:
                 for step in plan.steps if plan else ():
                     await self._run_step(run, step)
                     done.append(Done(step))
+        except PhaseError as exc:
+            # A step failed, or ran out of its own timeout (a PhaseTimeoutError
+            # is a TimeoutError too): that is the step's, not the phase's budget.
+            self._log("phase_end", phase=phase.value, ok=False, error=str(exc))
+            raise
         except TimeoutError as exc:
             what = (
                 "the blackout budget"
@@ -263,7 +268,7 @@ class Engine:
                 phase.value, "*", f"exceeded {what} of {limit:g} s"
             ) from exc
         except BaseException as exc:
-            self._log("phase_end", phase=phase.value, ok=False, error=str(exc))
+            self._log("phase_end", phase=phase.value, ok=False, error=_describe(exc))
             raise
         self._log("phase_end", phase=phase.value, ok=True)
 
@@ -561,6 +566,10 @@ def _number(kernel: Kernel) -> int | None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        # Not the library's words ("Cancelled via cancel scope 7f..."): what
+        # cancelled it (a signal, a failure elsewhere) is reported on its own.
+        return "cancelled"
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, OSError) and exc.errno is not None and not str(exc):
