@@ -225,6 +225,19 @@ def _run_via_agent(control: Path, playbook: Path) -> int:
                 return EXIT_CANCELLED if outcome == "cancelled" else EXIT_FAILED
 
 
+def preflight(kernel: Kernel) -> int:
+    """Whether an update can start on *kernel*, asked before anything is
+    journaled: 0 if so; otherwise probe's reason goes to stderr and its exit
+    code (3 not possible here, 4 device busy) is returned."""
+    from .luo._probe import probe
+
+    report = probe(kernel, try_kinds=False)
+    if report.possible:
+        return 0
+    print(f"liveupdate: cannot run an update: {report.reason}", file=sys.stderr)
+    return report.exit_code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -239,6 +252,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    if code := preflight(kernel):
+        return code
     engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
     outcome = anyio.run(engine.run)
     return _finish_message(outcome, state)
