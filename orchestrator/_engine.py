@@ -79,7 +79,7 @@ def plugin_manager(
         for plugin in [*BUILTINS(builtins), *extra]:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            _load_entry_points(pm)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         known = ", ".join(f"lu_{p.value}" for p in Phase if p.configurable)
@@ -87,6 +87,33 @@ def plugin_manager(
             str(exc.plugin), f"{exc} (hooks are {known} and their _rollback)"
         ) from exc
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP`.
+
+    An entry point names a module, an object, or a class (``module:Class``,
+    the shape ``_hookspecs`` shows). A class is instantiated here: pluggy's
+    ``load_setuptools_entrypoints`` would register the class itself, and every
+    hook would then be called without ``self``.
+
+    :raises PluginError: an entry point cannot be imported, or its class
+        cannot be instantiated without arguments.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            if isinstance(plugin, type):
+                plugin = plugin()
+        except Exception as exc:
+            raise PluginError(
+                ep.name, f"cannot load {ep.value!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        pm.register(plugin, name=ep.name)
 
 
 def hook_for(
