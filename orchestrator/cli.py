@@ -266,11 +266,23 @@ def _add_update_commands(sub: Any) -> None:
         description="Start demo key-value workloads with their data in "
         "memfds, run the demo playbook on a fresh simulated kernel (the "
         "kexec ends every process), then resume in the new kernel and "
-        "check every workload's data.",
+        "check every workload's data. Everything stays in the demo "
+        "directory: the playbook's kernel, state_dir and next_kernel are "
+        "ignored (the demo uses its own), and only the workloads, kexec and "
+        "faults plugins may run. The workloads are stopped at the end.",
     )
     p.add_argument("playbook", nargs="?", type=Path, default=default_demo)
     p.add_argument(
-        "--state-dir", default=None, help="wiped first (default: the playbook's)"
+        "--state-dir",
+        default=None,
+        help="the demo directory, wiped first if a previous demo made it; a "
+        "directory with other content is refused (default: .state/demo)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the workloads running at the end (stop them with "
+        "'python -m orchestrator.demo_kv --registry DIR/workloads --stop')",
     )
     p.set_defaults(func=u.cmd_demo)
 
