@@ -37,5 +37,8 @@ e2e: venv
 bench: venv
 	$(PY) -m bench
 
+## clean: stop the demo's workloads (left by 'liveupdate demo --keep'), delete what was built
 clean:
+	@if [ -x $(PY) ] && [ -d $(STATE)/demo/workloads ]; then \
+	  $(PY) -m orchestrator.demo_kv --registry $(STATE)/demo/workloads --stop; fi
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache

@@ -45,6 +45,9 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
     from ._metrics_export import parse_listen, serve_metrics
 
     host, port = parse_listen(args.listen)
+    # A journal that does not exist yet is served (as no runs) until the
+    # first update writes it; a directory that does not exist is a typo.
+    _existing_dir(args.state_dir)
     registry = CollectorRegistry(auto_describe=False)
     register_metrics(registry, Path(args.state_dir), history=True)
 
@@ -62,10 +65,36 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_dir(state_dir: str) -> Path:
+    """:raises InvalidArgumentError: *state_dir* is not a directory."""
+    from ._errors import InvalidArgumentError
+
+    path = Path(state_dir)
+    if not path.is_dir():
+        raise InvalidArgumentError(str(path), "no such directory")
+    return path
+
+
+def _journal_dir(state_dir: str) -> Path:
+    """*state_dir* if it holds a journal: metrics of no journal are zeros, which
+    would look like a host where nothing ever ran.
+
+    :raises InvalidArgumentError: there is no journal in *state_dir*.
+    """
+    from ._errors import InvalidArgumentError
+
+    path = _existing_dir(state_dir)
+    if not (path / "journal.jsonl").is_file():
+        raise InvalidArgumentError(
+            str(path), "no journal here: no update has run with this --state-dir"
+        )
+    return path
+
+
 def cmd_metrics_textfile(args: argparse.Namespace) -> int:
     from ._metrics_export import write_textfile
 
-    write_textfile(Path(args.state_dir), args.output)
+    write_textfile(_journal_dir(args.state_dir), args.output)
     print(f"metrics written to {args.output}")
     return 0
 
@@ -73,9 +102,43 @@ def cmd_metrics_textfile(args: argparse.Namespace) -> int:
 def cmd_metrics_push(args: argparse.Namespace) -> int:
     from ._metrics_export import push
 
-    push(Path(args.state_dir), args.gateway, instance=args.instance)
+    push(_journal_dir(args.state_dir), args.gateway, instance=args.instance)
     print(f"metrics pushed to {args.gateway}")
     return 0
+
+
+REPORT_FORMATS = {".svg": "SVG", ".html": "HTML", ".htm": "HTML", ".png": "PNG"}
+
+
+def _report_format(output: str) -> str:
+    """The format *output*'s suffix names.
+
+    :raises InvalidArgumentError: a suffix the report cannot write.
+    """
+    from ._errors import InvalidArgumentError
+
+    kind = REPORT_FORMATS.get(Path(output).suffix.lower())
+    if kind is None:
+        raise InvalidArgumentError(
+            output, "the report writes FILE.svg, FILE.html or FILE.png"
+        )
+    return kind
+
+
+def _png(svg: str) -> bytes:
+    """*svg* rendered to PNG by cairosvg (optional: ``pip install cairosvg``)."""
+    from ._errors import InvalidArgumentError
+
+    try:
+        import cairosvg  # type: ignore[import-untyped]
+
+        png: bytes = cairosvg.svg2png(bytestring=svg.encode(), output_width=1400)
+    except (ImportError, OSError) as exc:  # OSError: cairocffi finds no libcairo
+        raise InvalidArgumentError(
+            "FILE.png",
+            f"needs cairosvg and libcairo ({exc}); write FILE.svg or FILE.html",
+        ) from exc
+    return png
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -83,7 +146,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ._report import render_html, render_svg, render_table
     from ._runs import read_runs
 
-    runs = read_runs(read_journal(Path(args.state_dir)))
+    kind = _report_format(args.output) if args.output else None
+    runs = read_runs(read_journal(_existing_dir(args.state_dir)))
     if args.run:
         runs = [r for r in runs if r.run_id.startswith(args.run)]
         if not runs:
@@ -96,11 +160,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(render_table(run))
     if args.output:
         out = Path(args.output)
-        if out.suffix.lower() in (".html", ".htm"):
+        if kind == "HTML":
             out.write_text(render_html(run), encoding="utf-8")
+        elif kind == "PNG":
+            out.write_bytes(_png(render_svg(run)))
         else:
             out.write_text(render_svg(run), encoding="utf-8")
-        print(f"timeline written to {out}")
+        print(f"timeline written to {out} ({kind})")
     return 0
 
 
@@ -162,13 +228,14 @@ def add_metrics_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "report",
-        help="a timeline of one update: a table, and SVG or HTML",
+        help="a timeline of one update: a table, and SVG, HTML or PNG",
         description="Print the timeline of an update (default: the last) as a "
-        "table; with --output, draw it as a self-contained SVG or HTML page: "
+        "table; with --output, draw it as a self-contained SVG or HTML page, "
+        "or a PNG (needs cairosvg), as the file's suffix says: "
         "phases across both kernels on the wall clock, the gap between them, "
         "the blackout window, retries, and the cancel and rollback path.",
     )
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=_STATE_HELP)
     p.add_argument("--run", default=None, help="a run id (or its prefix)")
-    p.add_argument("--output", default=None, help="FILE.svg or FILE.html")
+    p.add_argument("--output", default=None, help="FILE.svg, FILE.html or FILE.png")
     p.set_defaults(func=cmd_report)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._playbook import Playbook
     from ._resume import Plan
     from .luo import Kernel
+    from .luo.sim import SimKernel
 
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
@@ -247,6 +248,19 @@ def _run_via_agent(control: Path, playbook: Path) -> int:
                 return EXIT_CANCELLED if outcome == "cancelled" else EXIT_FAILED
 
 
+def preflight(kernel: Kernel) -> int:
+    """Whether an update can start on *kernel*, asked before anything is
+    journaled: 0 if so; otherwise probe's reason goes to stderr and its exit
+    code (3 not possible here, 4 device busy) is returned."""
+    from .luo._probe import probe
+
+    report = probe(kernel, try_kinds=False)
+    if report.possible:
+        return 0
+    print(f"liveupdate: cannot run an update: {report.reason}", file=sys.stderr)
+    return report.exit_code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -262,6 +276,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2
+    if code := preflight(kernel):
+        return code
     engine = Engine(playbook, kernel, state, pm=pm, reporter=Printer())
     try:
         outcome = anyio.run(engine.run)
@@ -400,29 +416,139 @@ def _cannot_cancel(state: Path) -> str | None:
     )
 
 
+DEMO_DIR = Path(".state/demo")
+DEMO_MARK = ".liveupdate-demo"
+"""A file the demo leaves in its directory: only such a directory (or an
+empty or new one) is ever wiped by the next demo."""
+DEMO_PLUGINS = frozenset({"workloads", "kexec", "faults"})
+"""Plugins whose effects the demo keeps inside its directory."""
+
+
+def _demo_dir(state: Path) -> None:
+    """Make *state* a fresh demo directory, wiping a previous demo's.
+
+    :raises InvalidArgumentError: *state* holds something that is not a demo's.
+    """
+    from orchestrator.demo_kv import stop
+
+    from ._errors import InvalidArgumentError
+
+    if state.exists() and not (state / DEMO_MARK).is_file():
+        if not state.is_dir() or any(state.iterdir()):
+            raise InvalidArgumentError(
+                str(state),
+                "not a demo directory (no .liveupdate-demo in it) and not empty: "
+                "the demo wipes its directory; give a new one with --state-dir",
+            )
+    from ._journal import read_journal, resume_command, unfinished
+
+    left = unfinished(read_journal(state)) if state.is_dir() else []
+    if left:
+        from ._errors import UnfinishedUpdateError
+
+        raise UnfinishedUpdateError(
+            left[0]["run"],
+            next((r["state"] for r in reversed(left) if r["event"] == "state"), "?"),
+            any(r["event"] == "kexec" for r in left),
+            resume_command(left[0], state),
+        )
+    stop(state / "workloads")  # a previous demo's stores, kept with --keep
+    if state.exists():
+        shutil.rmtree(state)
+    state.mkdir(parents=True)
+    (state / DEMO_MARK).write_text("made by 'liveupdate demo', which may wipe it\n")
+
+
+def _demo_playbook(source: Path, state: Path, kernel_spec: str) -> Path:
+    """A copy of playbook *source* in *state* that writes nowhere else.
+
+    Its ``kernel``, ``state_dir`` and ``next_kernel`` image are replaced by the
+    demo's own (the image is a file the demo writes in *state*; no initrd), and
+    the steps' ``registry`` and ``trace`` options are dropped (the workloads
+    then live in ``STATE/workloads``).
+
+    :raises InvalidArgumentError: a step names a plugin the demo cannot
+        keep inside its directory.
+    """
+    import yaml
+
+    from ._errors import InvalidArgumentError
+    from ._playbook import load_playbook
+
+    playbook = load_playbook(source)  # a malformed playbook: file:line
+    for step in playbook.steps():
+        if step.plugin not in DEMO_PLUGINS:
+            raise InvalidArgumentError(
+                f"{step.where}",
+                f"the demo runs only the {', '.join(sorted(DEMO_PLUGINS))} plugins "
+                f"(plugin {step.plugin!r} acts outside the demo directory)",
+            )
+    doc = yaml.safe_load(source.read_text(encoding="utf-8"))
+    image = state / "vmlinuz-next"
+    image.write_bytes(b"simulated kernel image\n")
+    cmdline = playbook.next_kernel.cmdline if playbook.next_kernel else None
+    doc.update(
+        kernel=kernel_spec,
+        state_dir=str(state),
+        next_kernel={"image": str(image), "initrd": None, "cmdline": cmdline},
+    )
+    for phase in (doc.get("phases") or {}).values():
+        for step in (phase or {}).get("steps") or ():
+            options = step.get("with")
+            if isinstance(options, dict):
+                options.pop("registry", None)
+                options.pop("trace", None)
+    copy = state / "playbook.yaml"
+    copy.write_text(
+        f"# {source.absolute()}, made to run inside {state}\n"
+        + yaml.safe_dump(doc, sort_keys=False),
+        encoding="utf-8",
+    )
+    return copy
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start demo workloads on a simulated kernel, run the demo playbook, resume."""
+    """Start demo workloads on a simulated kernel, run the demo playbook, resume.
+
+    Everything happens in the demo directory (``--state-dir``, default
+    ``.state/demo``): the playbook's own kernel, state_dir and next_kernel are
+    ignored, so a host's playbook cannot make the demo touch its files. The
+    workloads are stopped at the end unless ``--keep``.
+    """
+    from orchestrator.demo_kv import stop
+
+    state = Path(args.state_dir or DEMO_DIR).absolute()
+    _demo_dir(state)
+    from .luo.sim import SimKernel
+
+    kernel = SimKernel(state / "kernel")
+    playbook_path = _demo_playbook(args.playbook, state, kernel.spec)
+    registry = state / "workloads"
+    try:
+        return _demo(args.playbook, playbook_path, state, kernel)
+    finally:
+        if not args.keep:
+            stopped = stop(registry)
+            if stopped:
+                print(
+                    f"\n== stopped the workloads ({', '.join(stopped)}); "
+                    "'liveupdate demo --keep' leaves them running"
+                )
+
+
+def _demo(source: Path, playbook_path: Path, state: Path, kernel: SimKernel) -> int:
     import subprocess
 
     from plugins.workloads import launch, wait_published
 
     from ._playbook import load_playbook
-    from .luo.sim import SimKernel
 
-    playbook = load_playbook(args.playbook)
-    state = Path(args.state_dir or playbook.state_dir or ".state/demo").absolute()
-    if state.exists():
-        shutil.rmtree(state)
-    kernel = SimKernel(state / "kernel")
-    image = (
-        playbook.next_kernel.image if playbook.next_kernel else state / "vmlinuz-next"
-    )
-    image.parent.mkdir(parents=True, exist_ok=True)
-    image.write_bytes(b"simulated kernel image\n")
+    playbook = load_playbook(playbook_path)
     registry = state / "workloads"
     quiesce = playbook.plan(_phase("quiesce"))
     opts = dict(quiesce.steps[0].options) if quiesce else {}
     count, size = int(opts.get("count", 2)), int(opts.get("size_mib", 128))
+    print(f"== the demo runs in {state} (kernel, state, next kernel: its own)")
     print(f"== starting {count} key-value workloads, {size} MiB of memfd data each")
     for i in range(count):
         pid = launch(registry, f"kv{i}", size, kernel.spec)
@@ -430,16 +556,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"   kv{i}: pid {pid}, sha256 {info['sha256'][:16]}...")
     base = [sys.executable, "-m", "orchestrator.cli"]
     common = ["--kernel", kernel.spec, "--state-dir", str(state)]
-    print(
-        f"\n== liveupdate run {args.playbook} (old kernel, boot {kernel.boot_id()[:8]})"
+    print(f"\n== liveupdate run {source} (old kernel, boot {kernel.boot_id()[:8]})")
+    run = subprocess.run(
+        [*base, "run", str(playbook_path), *common, "--no-agent"], check=False
     )
-    run = subprocess.run([*base, "run", str(args.playbook), *common], check=False)
     if run.returncode != -signal.SIGKILL:
         print(
             f"the update did not reach the kexec (exit {run.returncode})",
             file=sys.stderr,
         )
-        return EXIT_FAILED
+        return run.returncode if run.returncode > 0 else EXIT_FAILED
     print(
         f"\n== the simulated kexec ended every process; new kernel boot "
         f"{kernel.boot_id()[:8]}"
@@ -447,8 +573,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for line in kernel.log_lines():
         if "liveupdate" in line:
             print(f"   kernel: {line}")
-    print(f"\n== liveupdate resume {args.playbook}")
-    resume = subprocess.run([*base, "resume", str(args.playbook), *common], check=False)
+    print(f"\n== liveupdate resume {source}")
+    resume = subprocess.run([*base, "resume", str(playbook_path), *common], check=False)
     if resume.returncode != 0:
         return resume.returncode
     from orchestrator.demo_kv import ask

@@ -81,7 +81,7 @@ def plugin_manager(
         for plugin in [*BUILTINS(builtins), *extra]:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            _load_entry_points(pm)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         known = ", ".join(f"lu_{p.value}" for p in Phase if p.configurable)
@@ -98,6 +98,33 @@ def plugin_manager(
                 str(name), "'options' must be a tuple of orchestrator.Option, or absent"
             )
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP`.
+
+    An entry point names a module, an object, or a class (``module:Class``,
+    the shape ``_hookspecs`` shows). A class is instantiated here: pluggy's
+    ``load_setuptools_entrypoints`` would register the class itself, and every
+    hook would then be called without ``self``.
+
+    :raises PluginError: an entry point cannot be imported, or its class
+        cannot be instantiated without arguments.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            if isinstance(plugin, type):
+                plugin = plugin()
+        except Exception as exc:
+            raise PluginError(
+                ep.name, f"cannot load {ep.value!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        pm.register(plugin, name=ep.name)
 
 
 def hook_for(
@@ -293,6 +320,11 @@ class Engine:
                 for step in plan.steps if plan else ():
                     await self._run_step(run, step)
                     done.append(Done(step))
+        except PhaseError as exc:
+            # A step failed, or ran out of its own timeout (a PhaseTimeoutError
+            # is a TimeoutError too): that is the step's, not the phase's budget.
+            self._log("phase_end", phase=phase.value, ok=False, error=str(exc))
+            raise
         except TimeoutError as exc:
             what = (
                 "the blackout budget"
@@ -306,7 +338,7 @@ class Engine:
                 phase.value, "*", f"exceeded {what} of {limit:g} s"
             ) from exc
         except BaseException as exc:
-            self._log("phase_end", phase=phase.value, ok=False, error=str(exc))
+            self._log("phase_end", phase=phase.value, ok=False, error=_describe(exc))
             raise
         self._log("phase_end", phase=phase.value, ok=True)
 
@@ -775,6 +807,10 @@ def _number(kernel: Kernel) -> int | None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        # Not the library's words ("Cancelled via cancel scope 7f..."): what
+        # cancelled it (a signal, a failure elsewhere) is reported on its own.
+        return "cancelled"
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     if isinstance(exc, OSError) and exc.errno is not None and not str(exc):

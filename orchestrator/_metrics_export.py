@@ -64,7 +64,7 @@ def _translated(target: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise MetricsExportError(target, f"{type(exc).__name__}: {exc}") from exc
+        raise MetricsExportError(target, exc.strerror or str(exc)) from exc
 
 
 def last_run_registry(state_dir: Path | str) -> CollectorRegistry:

@@ -1,8 +1,20 @@
 """``liveupdate``: the command line. A thin shell over the library.
 
-Exit codes: 0 success; 1 the operation failed (message on stderr); 2 bad usage
-or input; 3 live update is not possible on this host (``probe``); 4 the
-device is busy (``probe``).
+Exit codes (also in ``liveupdate --help``):
+
+- 0: success;
+- 1: the operation failed (one line on stderr says what);
+- 2: bad usage or input (a malformed playbook, an unknown kernel, a missing
+  simulated kernel: ``liveupdate sim init DIR`` creates one);
+- 3: live update is not possible on this host (``probe``; ``run`` checks the
+  same first and journals nothing);
+- 4: the device is busy (``probe``, ``run``);
+- 5: the update was cancelled: it failed before the kexec and the host is
+  back in NORMAL (``run``, ``demo``, ``resume``);
+- 6: an earlier update never ended: ``run`` and ``demo`` refuse to start, and
+  the message names the command that finishes or cancels it;
+- 130: interrupted (Ctrl-C); 141: whoever read the output went away
+  (``liveupdate status | head``), the rest of it was dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +23,12 @@ import sys
 
 from orchestrator._compat import TYPE_CHECKING
 
-from ._errors import InvalidArgumentError, OrchestratorError, PlaybookError
+from ._errors import (
+    InvalidArgumentError,
+    OrchestratorError,
+    PlaybookError,
+    UnfinishedUpdateError,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -22,6 +39,9 @@ if TYPE_CHECKING:
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNFINISHED = 6
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
 
 _KERNEL_HELP = (
     "kernel to talk to: 'real' (this host's /dev/liveupdate) or 'sim:DIR' (a "
@@ -86,11 +106,20 @@ def cmd_sim(args: argparse.Namespace) -> int:
             f"simulated kernel ready: LIVEUPDATE_KERNEL=sim:{kernel.root} (ABI {kernel.abi})"
         )
     elif args.action == "fault":
-        SimKernel(root).inject_fault(
+        SimKernel.existing(root).inject_fault(
             args.point, None if args.errno == "none" else args.errno
         )
         print(f"{args.point}: {args.errno}")
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("luo-orchestrator")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Update a host's Linux kernel without stopping its VMs: drive "
         "/dev/liveupdate (LUO) and kexec as a playbook of phases.",
         epilog="Try it without root or a LUO kernel: 'liveupdate demo' runs on a "
-        "simulated kernel. Exit codes: 0 ok, 1 failed, 2 usage, 3 not possible "
-        "here, 4 device busy.",
+        "simulated kernel. Exit codes: 0 ok, 1 failed, 2 bad usage or input, "
+        "3 not possible here, 4 device busy, 5 update cancelled (the host is "
+        "back in NORMAL), 6 an earlier update must be resumed first, 130 "
+        "interrupted, 141 output closed early.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -243,11 +275,23 @@ def _add_update_commands(sub: Any) -> None:
         description="Start demo key-value workloads with their data in "
         "memfds, run the demo playbook on a fresh simulated kernel (the "
         "kexec ends every process), then resume in the new kernel and "
-        "check every workload's data.",
+        "check every workload's data. Everything stays in the demo "
+        "directory: the playbook's kernel, state_dir and next_kernel are "
+        "ignored (the demo uses its own), and only the workloads, kexec and "
+        "faults plugins may run. The workloads are stopped at the end.",
     )
     p.add_argument("playbook", nargs="?", type=Path, default=default_demo)
     p.add_argument(
-        "--state-dir", default=None, help="wiped first (default: the playbook's)"
+        "--state-dir",
+        default=None,
+        help="the demo directory, wiped first if a previous demo made it; a "
+        "directory with other content is refused (default: .state/demo)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the workloads running at the end (stop them with "
+        "'python -m orchestrator.demo_kv --registry DIR/workloads --stop')",
     )
     p.set_defaults(func=u.cmd_demo)
 
@@ -285,16 +329,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser = build_parser()
     args = parser.parse_args(argv)
+    return _call(args)
+
+
+def _fail(group: BaseExceptionGroup[BaseException], code: int) -> int:
+    """One line on stderr per error, no traceback: these are expected."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            _fail(exc, code)
+        else:
+            print(f"liveupdate: {_message(exc)}", file=sys.stderr)
+    return code
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, OrchestratorError):
+        # "[Errno 30] Read-only file system: 'x'" -> "x: Read-only file system"
+        import errno
+
+        what = exc.strerror or str(exc)
+        if exc.errno is not None and exc.errno in errno.errorcode:
+            what += f" [{errno.errorcode[exc.errno]}]"
+        return what if exc.filename is None else f"{exc.filename}: {what}"
+    return str(exc)
+
+
+def _stdout_gone() -> int:
+    """Whoever read our output has gone (``liveupdate status | head``): stop
+    quietly. Further writes, and the flush at exit, go nowhere."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
+
+
+def _call(args: argparse.Namespace) -> int:
+    """Run the command; map what can be expected to an exit code and one line.
+
+    Errors may come alone or grouped by a task group: ``except*`` takes both.
+    """
+    code = EXIT_FAILED
     try:
-        code: int = args.func(args)
-    except (InvalidArgumentError, PlaybookError) as exc:
-        print(f"liveupdate: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OrchestratorError, ValueError) as exc:
-        print(f"liveupdate: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+        code = args.func(args)
+    except* BrokenPipeError:
+        code = _stdout_gone()
+    except* (InvalidArgumentError, PlaybookError) as group:
+        code = _fail(group, EXIT_USAGE)
+    except* UnfinishedUpdateError as group:
+        code = _fail(group, EXIT_UNFINISHED)
+    except* (OrchestratorError, ValueError, OSError) as group:
+        code = _fail(group, EXIT_FAILED)
+    except* KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
     return code
 
 

@@ -188,6 +188,12 @@ class WorkloadsPlugin:
             raise WorkloadError(f"no workloads registered in {registry}")
         for info in entries:
             await anyio.to_thread.run_sync(_alive, info)
+            if info.get("sha256") is None:
+                # Restored by a previous update: it serves without having
+                # hashed its data. What it holds now is what must come back.
+                info["sha256"] = await anyio.to_thread.run_sync(
+                    ask, info["socket"], "SUM", 600.0
+                )
             if info["name"] not in self._held:
                 try:
                     path = f"/proc/{info['pid']}/fd/{info['fd']}"

@@ -39,6 +39,7 @@ def test_probe_on_this_host_says_why_not() -> None:
 
 
 def test_probe_on_simulated_kernel_lists_kinds(tmp_path: Path) -> None:
+    assert run("sim", "init", str(tmp_path / "k")).returncode == 0
     done = run("probe", "--json", env={"LIVEUPDATE_KERNEL": f"sim:{tmp_path}/k"})
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -69,7 +70,7 @@ def test_probe_rfc(tmp_path: Path) -> None:
 
 def test_bad_kernel_spec_is_a_clear_error() -> None:
     done = run("probe", "--kernel", "bogus")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "unknown kernel 'bogus'" in done.stderr
 
 

@@ -125,9 +125,14 @@ class RealKernel:
 def kernel_from_spec(spec: str | None = None) -> Kernel:
     """The kernel named by *spec* (or ``$LIVEUPDATE_KERNEL``, default ``real``).
 
-    ``real`` is this host's kernel; ``sim:DIR`` a simulated kernel whose state
-    lives in DIR.
+    ``real`` is this host's kernel; ``sim:DIR`` the simulated kernel whose
+    state lives in DIR (``liveupdate sim init DIR`` creates it; this does not).
+
+    :raises InvalidArgumentError: *spec* names neither, or DIR holds no
+        simulated kernel.
     """
+    from orchestrator._errors import InvalidArgumentError
+
     spec = spec or os.environ.get(KERNEL_ENV) or "real"
     if spec == "real":
         return RealKernel()
@@ -136,5 +141,7 @@ def kernel_from_spec(spec: str | None = None) -> Kernel:
 
         from .sim import SimKernel
 
-        return SimKernel(Path(spec[4:]))
-    raise ValueError(f"unknown kernel {spec!r}: expected 'real' or 'sim:DIR'")
+        return SimKernel.existing(Path(spec[4:]))
+    raise InvalidArgumentError(
+        f"unknown kernel {spec!r}", "expected 'real' or 'sim:DIR'"
+    )

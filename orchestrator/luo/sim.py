@@ -152,6 +152,24 @@ class SimKernel:
             if not (self.root / "current").exists():
                 self._new_boot(1, abi, 0, DEFAULT_CMDLINE)
 
+    @classmethod
+    def existing(cls, root: Path) -> SimKernel:
+        """The simulated kernel in *root*, made before by ``liveupdate sim init``.
+
+        Nothing is created: a mistyped directory is an error, not a new kernel.
+
+        :raises InvalidArgumentError: there is no simulated kernel in *root*.
+        """
+        if not (root / "current" / "kernel.json").is_file():
+            from orchestrator._errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"sim:{root}",
+                f"no simulated kernel in {root}; create one with "
+                f"'liveupdate sim init {root}'",
+            )
+        return cls(root)
+
     # --- state layout -----------------------------------------------------------
 
     @property
