@@ -19,6 +19,7 @@ rule for the socket files (POSIX ACLs written from the allow-list).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -423,7 +424,14 @@ async def serve_listener(
                 "not allowed" if reason == "peer" else f"{slots.limit} connections",
             )
             if slots.refusing >= _REFUSALS:
-                conn.close()  # refusing many already: no answer for this one
+                # Refusing many already: answer if it fits the socket buffer,
+                # without waiting for the peer to read it.
+                with contextlib.suppress(OSError):
+                    conn.send(refusal(peer, reason))
+                    for _ in range(16):  # what it sent already: closing on unread
+                        if not conn.recv(4096, socket.MSG_DONTWAIT):  # data resets
+                            break
+                conn.close()
             else:
                 slots.refusing += 1
                 tg.start_soon(_refuse, conn, refusal(peer, reason), slots)

@@ -67,12 +67,19 @@ def cmd_agent(args: argparse.Namespace) -> int:
     try:
         anyio.run(main)
     except* AgentBusyError as group:
-        _fail(group.exceptions[0])
+        _fail(_leaf(group))
         code = EXIT_BUSY
     except* AgentSetupError as group:
-        _fail(group.exceptions[0])
+        _fail(_leaf(group))
         code = EXIT_REFUSED
     return code
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first exception inside (nested) task groups' exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_handover(args: argparse.Namespace) -> int:

@@ -92,7 +92,14 @@ class AgentClient(Closing):
         self._sock.close()
 
     def _receive(self, flags: int = 0) -> tuple[bytes, list[int]]:
-        raw, got, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 4, flags)
+        try:
+            raw, got, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 4, flags)
+        except ConnectionResetError:
+            # The agent refused this connection and closed it with the request
+            # unread; the reset is reported first, its answer is still queued.
+            raw, got, _flags, _addr = socket.recv_fds(
+                self._sock, MAX_PACKET, 4, socket.MSG_DONTWAIT
+            )
         return raw, got
 
     def _call(
