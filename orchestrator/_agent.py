@@ -8,9 +8,10 @@ services). So workloads hand their fds to the agent over a Unix
 ``agent`` plugin preserving them, and after the kexec -- started again at
 boot -- it resumes the update and hands every fd back on ``reclaim``.
 
-Peers are checked with ``SO_PEERCRED``: root, and the uids and gids given
-with ``--allow-uid``/``--allow-gid``. The socket is created mode 0660 in a
-directory the unit makes 0750.
+Peers are checked with ``SO_PEERCRED`` when they connect, before any byte of
+theirs is read: root, and the uids and gids given with
+``--allow-uid``/``--allow-gid``; the socket file admits the same peers (see
+:mod:`orchestrator._agent_guard` for this and for the limits).
 
 Dead clients: a request is one packet, so a client that dies mid-request
 registers nothing. A registration belongs to the agent once acknowledged: it
@@ -20,34 +21,54 @@ reclaims it, whether or not the client still runs.
 
 from __future__ import annotations
 
+import array
+import dataclasses
 import json
 import logging
 import os
 import socket
-import struct
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
+from ._agent_guard import (
+    AgentSetupError,
+    BadRequestError,
+    InstanceLock,
+    Limits,
+    Peer,
+    Slots,
+    decode_object,
+    grant_access,
+    listen_unix,
+    serve_listener,
+)
 from ._errors import OrchestratorError
 from ._hookspecs import hookimpl
+from ._phases import Phase
+from ._playbook import PhasePlan, Playbook, RetryPolicy, Step, Where
 from .luo._fds import describe_fd, shmem_can_preserve
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
     from ._context import StepContext
+    from ._engine import Engine
     from .luo import Kernel
 
 logger = logging.getLogger(__name__)
 
-MAX_PACKET = 1 << 16
 CONTROL_SOCKET = "control.sock"
+REGISTRATIONS = "agent-registrations.json"
 MAX_NAME = 128
-_PEERCRED = struct.Struct("3i")
+MAX_FDS = 1  # per request: register takes one
+AGENT_PHASES = (Phase.PRESERVE, Phase.RESTORE, Phase.FINISH)
+AGENT_STEP_TIMEOUT = 60.0
 
 
 @dataclass(slots=True)
@@ -69,11 +90,8 @@ class Registration:
         return data
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
+class AgentRefusal(OrchestratorError):
+    """A request the agent refuses; the message goes back to the client."""
 
 
 class AgentPlugin:
@@ -86,7 +104,8 @@ class AgentPlugin:
 
     @hookimpl
     async def lu_preserve(self, ctx: StepContext) -> None:
-        self.agent.frozen = True
+        async with self.agent.lock:  # a registration under way finishes first
+            self.agent.frozen = True
         for reg in self.agent.registrations.values():
             await ctx.preserve(reg.name, reg.fd)
         ctx.record(
@@ -108,7 +127,40 @@ class AgentPlugin:
 
     @hookimpl
     async def lu_finish(self, ctx: StepContext) -> None:
-        self.agent.save()
+        await self.agent.save()
+
+
+def with_agent_steps(playbook: Playbook) -> Playbook:
+    """*playbook* with an ``agent`` step added to each of preserve, restore and
+    finish that has none, so that the registrations go through every update
+    whatever the playbook names. Steps the playbook gives keep their place."""
+    phases = dict(playbook.phases)
+    where = Where(f"{playbook.path} (step added by the agent)", 0)
+    for phase in AGENT_PHASES:
+        plan = phases.get(phase)
+        steps = plan.steps if plan is not None else ()
+        if any(step.plugin == AgentPlugin.name for step in steps):
+            continue
+        names = {step.name for step in steps}
+        name = "agent" if "agent" not in names else f"agent-{len(steps)}"
+        added = Step(
+            phase,
+            AgentPlugin.name,
+            name,
+            types.MappingProxyType({}),
+            AGENT_STEP_TIMEOUT,
+            RetryPolicy(),
+            where,
+            len(steps),
+        )
+        phases[phase] = PhasePlan(
+            phase,
+            plan.timeout if plan is not None else None,
+            (*steps, added),
+            plan.where if plan is not None else where,
+        )
+    ordered = {phase: phases[phase] for phase in Phase if phase in phases}
+    return dataclasses.replace(playbook, phases=types.MappingProxyType(ordered))
 
 
 class Agent:
@@ -121,45 +173,88 @@ class Agent:
         kernel: Kernel,
         allow_uids: frozenset[int] = frozenset(),
         allow_gids: frozenset[int] = frozenset(),
+        limits: Limits | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.state_dir = state_dir
         self.kernel = kernel
         self.allow_uids = allow_uids | {0}
         self.allow_gids = allow_gids
+        self.limits = (limits or Limits()).resolve()
+        assert self.limits.max_connections is not None
+        self.slots = Slots(self.limits.max_connections)
         self.registrations: dict[str, Registration] = {}
+        self.lock = anyio.Lock()  # one change of the registrations at a time
+        self.blocking = anyio.CapacityLimiter(4)  # threads for file work
         self.frozen = False  # an update is past PRESERVE: no changes
         self.updating = False
         self.update_scope: anyio.CancelScope | None = None
         self.task_group: anyio.abc.TaskGroup | None = None
-        self.start_update: Callable[[Path], Coroutine[Any, Any, None]] | None = None
+        self.engine_for: Callable[[Path], Engine] | None = None
+        self.start_update: Callable[[Engine], Coroutine[Any, Any, None]] | None = None
 
-    def save(self) -> None:
-        """Publish the registrations (metadata only) for ``status`` and operators."""
+    def _write(self, items: list[dict[str, Any]]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.state_dir / "agent-registrations.json.tmp"
-        tmp.write_text(json.dumps([r.public() for r in self.registrations.values()]))
-        os.replace(tmp, self.state_dir / "agent-registrations.json")
+        tmp = self.state_dir / f"{REGISTRATIONS}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(items).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_dir / REGISTRATIONS)
+
+    async def save(self, items: list[dict[str, Any]] | None = None) -> None:
+        """Publish the registrations (metadata only) for ``status`` and operators,
+        in a worker thread (it fsyncs).
+
+        :raises OSError: the state directory cannot be written.
+        """
+        if items is None:
+            items = [r.public() for r in self.registrations.values()]
+        await anyio.to_thread.run_sync(self._write, items, limiter=self.blocking)
+
+    async def _publish(self, items: list[dict[str, Any]]) -> None:
+        try:
+            await self.save(items)
+        except OSError as exc:
+            logger.error("cannot write %s: %s", self.state_dir / REGISTRATIONS, exc)
+            raise AgentRefusal(
+                f"the agent cannot record registrations in {self.state_dir} "
+                f"({exc.strerror}); nothing changed"
+            ) from exc
 
     def allowed(self, peer: Peer) -> bool:
-        return peer.uid in self.allow_uids or peer.gid in self.allow_gids
+        return (
+            peer.uid in self.allow_uids
+            or peer.gid in self.allow_gids
+            or not self.allow_gids.isdisjoint(peer.groups)
+        )
+
+    def refusal_text(self, peer: Peer, reason: str) -> str:
+        if reason == "busy":
+            return (
+                f"the agent is serving {self.slots.limit} connections, its limit; "
+                "try again later"
+            )
+        return (
+            f"uid {peer.uid} gid {peer.gid} (pid {peer.pid}) is not allowed "
+            f"to use the agent (allowed uids {sorted(self.allow_uids)}, "
+            f"gids {sorted(self.allow_gids)})"
+        )
 
     # --- requests -------------------------------------------------------------------
 
-    def handle(
+    async def handle(
         self, peer: Peer, request: dict[str, Any], fds: list[int]
     ) -> tuple[dict[str, Any], list[int]]:
         """Answer one request; the fds received are consumed (kept or closed)."""
         op = request.get("op")
         try:
-            if not self.allowed(peer):
-                raise AgentRefusal(
-                    f"uid {peer.uid} gid {peer.gid} (pid {peer.pid}) is not allowed "
-                    f"to use the agent (allowed uids {sorted(self.allow_uids)}, "
-                    f"gids {sorted(self.allow_gids)})"
-                )
+            if not self.allowed(peer):  # checked at accept already; kept as a guard
+                raise AgentRefusal(self.refusal_text(peer, "peer"))
             if op == "register":
-                return self._register(peer, request, fds), []
+                return await self._register(peer, request, fds), []
             if fds:
                 raise AgentRefusal(f"{op!r} takes no fd")
             if op == "list":
@@ -168,22 +263,21 @@ class Agent:
                     "items": [r.public() for r in self.registrations.values()],
                 }, []
             if op == "withdraw":
-                self._take(peer, request, "withdraw")
+                await self._take(peer, request, "withdraw")
                 return {"ok": True}, []
             if op == "run":
-                return self._run(request), []
+                return await self.start_run(request), []
             if op == "reclaim":
-                reg = self._take(peer, request, "reclaim")
+                reg = await self._take(peer, request, "reclaim")
                 return {"ok": True, "name": reg.name, "state": reg.state}, [reg.fd]
             raise AgentRefusal(
                 f"unknown op {op!r}: expected register, list, withdraw, reclaim or run"
             )
         except AgentRefusal as exc:
-            for fd in fds:
-                os.close(fd)
+            _close_unheld(fds, self.registrations)
             return {"ok": False, "error": str(exc)}, []
 
-    def _register(
+    async def _register(
         self, peer: Peer, request: dict[str, Any], fds: list[int]
     ) -> dict[str, Any]:
         name = request.get("name")
@@ -191,57 +285,89 @@ class Agent:
             raise AgentRefusal(f"register takes exactly one fd, got {len(fds)}")
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME or "\0" in name:
             raise AgentRefusal(f"name must be 1..{MAX_NAME} characters without NUL")
-        if self.frozen:
-            raise AgentRefusal("an update is in progress: registrations are frozen")
-        if name in self.registrations:
-            raise AgentRefusal(f"{name!r} is already registered (withdraw it first)")
         fd = fds[0]
         if not shmem_can_preserve(fd):
             raise AgentRefusal(
                 f"this kernel cannot preserve {describe_fd(fd)}; not registered"
             )
-        reg = Registration(
-            name,
-            fd,
-            describe_fd(fd),
-            os.fstat(fd).st_size,
-            peer.uid,
-            peer.gid,
-            peer.pid,
-            "registered",
-        )
-        self.registrations[name] = reg
-        self.save()
+        async with self.lock:
+            if self.frozen:
+                raise AgentRefusal("an update is in progress: registrations are frozen")
+            if name in self.registrations:
+                raise AgentRefusal(
+                    f"{name!r} is already registered (withdraw it first)"
+                )
+            limit = self.limits.max_registrations
+            if limit is not None and len(self.registrations) >= limit:
+                raise AgentRefusal(
+                    f"the agent holds {limit} registrations, its limit "
+                    "(set by --max-registrations or RLIMIT_NOFILE)"
+                )
+            reg = Registration(
+                name,
+                fd,
+                describe_fd(fd),
+                os.fstat(fd).st_size,
+                peer.uid,
+                peer.gid,
+                peer.pid,
+                "registered",
+            )
+            await self._publish(
+                [*(r.public() for r in self.registrations.values()), reg.public()]
+            )
+            self.registrations[name] = reg
         logger.info("registered %s (%s) from pid %d", name, reg.kind, peer.pid)
         return {"ok": True, "name": name, "kind": reg.kind, "size": reg.size}
 
-    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def start_run(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Start the update *request* names in the agent's task group.
+
+        The playbook is loaded (in a worker thread) before the answer, so a
+        playbook that cannot run is refused here with its reason.
+        """
         playbook = request.get("playbook")
-        if not isinstance(playbook, str) or not os.path.isfile(playbook):
+        if not isinstance(playbook, str) or not 0 < len(playbook) <= 4096:
             raise AgentRefusal(f"no playbook at {playbook!r}")
-        if self.task_group is None or self.start_update is None or self.updating:
-            raise AgentRefusal(
-                "an update is already running" if self.updating else "not ready"
+        tg, engine_for, start = self.task_group, self.engine_for, self.start_update
+        if tg is None or engine_for is None or start is None:
+            raise AgentRefusal("not ready")
+        if self.updating:
+            raise AgentRefusal("an update is already running")
+        self.updating = True  # before the first await: one update at a time
+        try:
+            engine = await anyio.to_thread.run_sync(
+                engine_for, Path(playbook), limiter=self.blocking
             )
-        self.updating = True
-        self.task_group.start_soon(self.start_update, Path(playbook))
+        except (OrchestratorError, OSError) as exc:
+            self.updating = False
+            raise AgentRefusal(f"cannot run {playbook}: {exc}") from exc
+        except BaseException:
+            self.updating = False
+            raise
+        tg.start_soon(start, engine)
         return {
             "ok": True,
             "playbook": playbook,
             "registrations": len(self.registrations),
         }
 
-    def _take(self, peer: Peer, request: dict[str, Any], what: str) -> Registration:
+    async def _take(
+        self, peer: Peer, request: dict[str, Any], what: str
+    ) -> Registration:
         name = request.get("name")
-        reg = self.registrations.get(name) if isinstance(name, str) else None
-        if reg is None or not isinstance(name, str):
-            raise AgentRefusal(f"nothing is registered under {name!r}")
-        if peer.uid not in (0, reg.uid):
-            raise AgentRefusal(f"{name!r} belongs to uid {reg.uid}")
-        if self.frozen:
-            raise AgentRefusal(f"an update is in progress: cannot {what} now")
-        del self.registrations[name]
-        self.save()
+        async with self.lock:
+            reg = self.registrations.get(name) if isinstance(name, str) else None
+            if reg is None:
+                raise AgentRefusal(f"nothing is registered under {name!r}")
+            if peer.uid not in (0, reg.uid):
+                raise AgentRefusal(f"{reg.name!r} belongs to uid {reg.uid}")
+            if self.frozen:
+                raise AgentRefusal(f"an update is in progress: cannot {what} now")
+            await self._publish(
+                [r.public() for r in self.registrations.values() if r is not reg]
+            )
+            del self.registrations[reg.name]
         if what == "withdraw":
             os.close(reg.fd)
         return reg
@@ -251,69 +377,136 @@ class Agent:
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.socket_path.unlink(missing_ok=True)
-        listener = await anyio.create_unix_listener(
-            self.socket_path, mode=0o660, kind=socket.SOCK_SEQPACKET
-        )
-        async with listener:
+        listener = listen_unix(self.socket_path, socket.SOCK_SEQPACKET, 64)
+        try:
+            grant_access(self.socket_path, self.allow_uids - {0}, self.allow_gids)
             task_status.started()
-            await listener.serve(self._connection)
+            await serve_listener(
+                listener,
+                self.slots,
+                self.allowed,
+                self._connection,
+                lambda peer, why: _packet(
+                    {"ok": False, "error": self.refusal_text(peer, why)}
+                ),
+                "hand-over",
+            )
+        finally:
+            listener.close()
 
-    async def _connection(self, stream: anyio.abc.SocketStream) -> None:
-        assert isinstance(stream, anyio.abc.UNIXSocketStream)
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        pid, uid, gid = _PEERCRED.unpack(
-            raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-        peer = Peer(pid, uid, gid)
-        async with stream:
-            while True:
-                try:
-                    data, fds = await stream.receive_fds(MAX_PACKET, 4)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                    return  # the client went away
-                if not data:
-                    for fd in fds:
-                        os.close(fd)
-                    return
-                try:
-                    request = json.loads(data)
-                    if not isinstance(request, dict):
-                        raise ValueError("not an object")
-                except ValueError as exc:
-                    answer: dict[str, Any] = {
-                        "ok": False,
-                        "error": f"bad request: {exc}",
-                    }
-                    out: list[int] = []
-                    for fd in fds:
-                        os.close(fd)
-                else:
-                    answer, out = self.handle(peer, request, fds)
-                payload = json.dumps(answer).encode()
-                try:
-                    if out:
-                        await stream.send_fds(payload, out)
-                    else:
-                        await stream.send(payload)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                    # The client died before its answer: what it asked is done
-                    # (a registration stands; see the module docstring).
-                    logger.info("pid %d went away before its answer", peer.pid)
-                    return
-                finally:
-                    for fd in out:  # reclaimed: the peer has its own copy now
-                        os.close(fd)
+    async def _connection(self, sock: socket.socket, peer: Peer) -> None:
+        """Serve one allowed peer, one request packet at a time."""
+        while await self._one_request(sock, peer):
+            pass
+
+    async def _one_request(self, sock: socket.socket, peer: Peer) -> bool:
+        """Answer one request; whether the connection stays open."""
+        packet = None
+        with anyio.move_on_after(self.limits.idle_timeout) as idle:
+            packet = await _receive_packet(sock, self.limits.max_packet)
+        if idle.cancelled_caught:
+            logger.info(
+                "closed pid %d's connection: idle %.0f s",
+                peer.pid,
+                self.limits.idle_timeout,
+            )
+            return False
+        if packet is None:
+            return False  # the client hung up
+        data, fds, problem = packet
+        try:
+            if problem:
+                raise BadRequestError(problem)
+            request = decode_object(data, self.limits.max_depth)
+        except BadRequestError as exc:
+            _close_unheld(fds, {})
+            answer: dict[str, Any] = {"ok": False, "error": str(exc)}
+            out: list[int] = []
+        else:
+            try:
+                answer, out = await self.handle(peer, request, fds)
+            except Exception as exc:  # contained to this request
+                logger.exception("a request of pid %d failed", peer.pid)
+                _close_unheld(fds, self.registrations)
+                answer, out = {"ok": False, "error": f"internal error: {exc!r}"}, []
+        try:
+            with anyio.fail_after(self.limits.idle_timeout):
+                await _send_packet(sock, _packet(answer), out)
+        except (OSError, TimeoutError):
+            # The client died (or stopped reading) before its answer: what it
+            # asked is done (a registration stands; see the module docstring).
+            logger.info("pid %d went away before its answer", peer.pid)
+            return False
+        finally:
+            for fd in out:  # reclaimed: the peer has its own copy now
+                os.close(fd)
+        return True
 
 
-class AgentRefusal(OrchestratorError):
-    """A request the agent refuses; the message goes back to the client."""
+def _close_unheld(fds: list[int], registrations: dict[str, Registration]) -> None:
+    held = {r.fd for r in registrations.values()}
+    for fd in fds:
+        if fd not in held:
+            os.close(fd)
+
+
+def _packet(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer).encode()
+
+
+async def _receive_packet(
+    sock: socket.socket, max_bytes: int
+) -> tuple[bytes, list[int], str] | None:
+    """One request packet with its fds and what is wrong with it (``""``: nothing),
+    or ``None`` when the peer hung up. Oversized packets and surplus fds are
+    cut off by the kernel (which closes the fds it does not deliver)."""
+    while True:
+        try:
+            data, ancillary, flags, _ = sock.recvmsg(
+                max_bytes, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+            )
+            break
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+    fds = array.array("i")
+    problem = ""
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        else:
+            problem = f"unexpected ancillary data (level {level}, type {kind})"
+    if flags & socket.MSG_TRUNC:
+        problem = f"a request is at most {max_bytes} bytes"
+    elif flags & socket.MSG_CTRUNC:
+        problem = f"at most {MAX_FDS} fd per request"
+    if not data and not ancillary and not problem:
+        return None
+    return data, list(fds), problem or ("" if data else "empty request")
+
+
+async def _send_packet(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+    while True:
+        try:
+            sock.sendmsg([data], ancillary if fds else [])
+            return
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
 
 
 def control_socket_for(handover_socket: Path) -> Path:
     """The control API's socket, beside the hand-over socket."""
     return handover_socket.with_name(CONTROL_SOCKET)
+
+
+def instance_lock(socket_path: Path, state_dir: Path) -> InstanceLock:
+    """The locks that keep a second agent off this socket and this state dir
+    (both directories are created if missing)."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return InstanceLock(
+        (socket_path.with_name(f"{socket_path.name}.lock"), state_dir / "agent.lock")
+    )
 
 
 async def run_agent(
@@ -322,41 +515,67 @@ async def run_agent(
     kernel: Kernel,
     allow_uids: frozenset[int] = frozenset(),
     allow_gids: frozenset[int] = frozenset(),
+    limits: Limits | None = None,
     *,
     task_status: anyio.abc.TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Resume an update the kexec interrupted, then serve until cancelled.
+    """Take the agent's locks, resume an update the kexec interrupted, then
+    serve until cancelled.
 
     Updates are started with ``{"op": "run", "playbook": PATH}``; the agent's
     own ``agent`` plugin preserves its registrations.
+
+    :raises AgentBusyError: another agent serves this socket or state dir;
+        nothing of it was touched.
+    :raises AgentSetupError: the sockets or the fd limit are unusable.
     """
+    try:
+        lock = instance_lock(socket_path, state_dir)
+    except OSError as exc:
+        raise AgentSetupError(
+            Path(exc.filename or state_dir), exc.strerror or str(exc)
+        ) from exc
+    lock.acquire()
+    try:
+        agent = Agent(socket_path, state_dir, kernel, allow_uids, allow_gids, limits)
+        await _run_locked(agent, task_status)
+    finally:
+        lock.release()
+
+
+async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) -> None:
     from ._engine import Engine, plugin_manager
     from ._journal import last_run, read_journal
     from ._playbook import load_playbook
     from ._resume import read_plan
 
-    agent = Agent(socket_path, state_dir, kernel, allow_uids, allow_gids)
+    socket_path, state_dir, kernel = agent.socket_path, agent.state_dir, agent.kernel
 
     def engine_for(playbook: Path) -> Engine:
         pm = plugin_manager(extra=[AgentPlugin(agent)])
         known = {name for name, _ in pm.list_name_plugin()}
         return Engine(
-            load_playbook(playbook, known_plugins=known), kernel, state_dir, pm=pm
+            with_agent_steps(load_playbook(playbook, known_plugins=known)),
+            kernel,
+            state_dir,
+            pm=pm,
         )
 
     if read_plan(state_dir) is not None:
         start = last_run(read_journal(state_dir))[0]
         outcome = await engine_for(Path(start["playbook"])).resume()
         logger.info("resumed the interrupted update: %s", outcome.value)
-    agent.save()
+    await agent.save()
 
-    async def run_update(playbook: Path) -> None:
+    async def run_update(engine: Engine) -> None:
         with anyio.CancelScope() as scope:  # POST /v1/cancel cancels it
             agent.update_scope = scope
             try:
-                outcome = await engine_for(playbook).run()  # the kexec does not return
+                outcome = await engine.run()  # the kexec does not return
             except OrchestratorError as exc:
                 logger.error("the update could not start: %s", exc)
+            except Exception:  # the agent and its registrations outlive it
+                logger.exception("the update failed")
             else:
                 logger.warning("the update ended without a kexec: %s", outcome.value)
             finally:
@@ -365,6 +584,7 @@ async def run_agent(
 
     from ._agent_http import serve_control
 
+    agent.engine_for = engine_for
     agent.start_update = run_update
     async with anyio.create_task_group() as tg:
         agent.task_group = tg

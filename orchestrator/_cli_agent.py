@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,14 +13,38 @@ from .agent_client import DEFAULT_SOCKET
 if TYPE_CHECKING:
     import argparse
 
+    from .agent_client import AgentClient
+
+
+EXIT_REFUSED = 1  # the agent refused the request, or could not start
+EXIT_USAGE = 2  # bad arguments: an fd that is not open, a bad name
+EXIT_BUSY = 4  # another agent already serves this socket or state dir
+EXIT_UNREACHABLE = 6  # no agent answers on the socket
+
+_EXIT_CODES = (
+    "Exit codes: 0 ok; 1 the agent refused the request (or could not start); "
+    "2 bad usage (e.g. --fd not open); 4 another agent already serves this "
+    "socket or state dir; 6 no agent answers on the socket."
+)
+
+
+def _fail(message: object) -> None:
+    print(f"liveupdate: {message}", file=sys.stderr)
+
 
 def cmd_agent(args: argparse.Namespace) -> int:
     import anyio
 
     from ._agent import run_agent
+    from ._agent_guard import AgentBusyError, AgentSetupError, Limits
     from .luo import kernel_from_spec
 
     kernel = kernel_from_spec(args.kernel)
+    limits = Limits(
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_registrations=args.max_registrations,
+    )
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -29,6 +55,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 kernel,
                 frozenset(args.allow_uid),
                 frozenset(args.allow_gid),
+                limits,
             )
             print(
                 f"agent listening on {agent.socket_path} ({len(agent.registrations)} "
@@ -36,40 +63,71 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    anyio.run(main)
-    return 0
+    code = 0
+    try:
+        anyio.run(main)
+    except* AgentBusyError as group:
+        _fail(_leaf(group))
+        code = EXIT_BUSY
+    except* AgentSetupError as group:
+        _fail(_leaf(group))
+        code = EXIT_REFUSED
+    return code
+
+
+def _leaf(error: BaseException) -> BaseException:
+    """The first exception inside (nested) task groups' exception groups."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_handover(args: argparse.Namespace) -> int:
-    from .agent_client import AgentClient
+    from .agent_client import AgentClient, AgentRefusedError, AgentUnreachableError
 
-    with AgentClient(args.socket) as agent:
-        if args.action == "register":
-            answer = agent.register(args.name, args.fd)
-            print(
-                f"registered {answer['name']}: {answer['kind']}, {answer['size']} bytes"
+    if args.action == "register":
+        try:
+            os.fstat(args.fd)
+        except OSError as exc:
+            _fail(
+                f"--fd {args.fd}: not an open fd of this process ({exc.strerror}); "
+                f"open it for the command, e.g. '{args.fd}<FILE'"
             )
-        elif args.action == "withdraw":
-            agent.withdraw(args.name)
-            print(f"withdrew {args.name}")
-        elif args.action == "list":
-            items = agent.list()
-            if args.json:
-                print(json.dumps(items, indent=2))
-            for item in [] if args.json else items:
-                print(
-                    f"{item['name']:24} {item['state']:10} {item['size']:>12} B  "
-                    f"uid {item['uid']} pid {item['pid']}  {item['kind']}"
-                )
-        elif args.action == "run":
-            answer = agent._call(
-                {"op": "run", "playbook": str(Path(args.playbook).absolute())}
-            )[0]
-            print(
-                f"the agent started the update ({answer['registrations']} registration(s)); "
-                "follow it with 'liveupdate status'"
-            )
+            return EXIT_USAGE
+    try:
+        with AgentClient(args.socket) as agent:
+            _handover(agent, args)
+    except AgentUnreachableError as exc:
+        _fail(f"{exc} (is 'liveupdate agent' running, and may this user use it?)")
+        return EXIT_UNREACHABLE
+    except AgentRefusedError as exc:
+        _fail(f"the agent refused {exc.op!r}: {exc.reason}")
+        return EXIT_REFUSED
     return 0
+
+
+def _handover(agent: AgentClient, args: argparse.Namespace) -> None:
+    if args.action == "register":
+        answer = agent.register(args.name, args.fd)
+        print(f"registered {answer['name']}: {answer['kind']}, {answer['size']} bytes")
+    elif args.action == "withdraw":
+        agent.withdraw(args.name)
+        print(f"withdrew {args.name}")
+    elif args.action == "list":
+        items = agent.list()
+        if args.json:
+            print(json.dumps(items, indent=2))
+        for item in [] if args.json else items:
+            print(
+                f"{item['name']:24} {item['state']:10} {item['size']:>12} B  "
+                f"uid {item['uid']} pid {item['pid']}  {item['kind']}"
+            )
+    elif args.action == "run":
+        answer = agent.run(args.playbook)
+        print(
+            f"the agent started the update ({answer['registrations']} registration(s)); "
+            "follow it with 'liveupdate status'"
+        )
 
 
 def add_agent_commands(sub: Any) -> None:
@@ -79,13 +137,35 @@ def add_agent_commands(sub: Any) -> None:
         description="Serve workloads on a Unix socket: they hand over fds "
         "(SCM_RIGHTS) to keep across the next live update and reclaim them after "
         "it. Peers are checked with SO_PEERCRED (root, --allow-uid, --allow-gid). "
-        "At start, an update interrupted by the kexec is resumed first.",
+        "At start, an update interrupted by the kexec is resumed first. One "
+        "agent per socket and state dir. " + _EXIT_CODES,
     )
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"default {DEFAULT_SOCKET}")
     p.add_argument("--state-dir", default="/var/lib/liveupdate")
     p.add_argument("--kernel", default=None, help="'real' or 'sim:DIR'")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID")
     p.add_argument("--allow-gid", type=int, action="append", default=[], metavar="GID")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close a connection idle this long (default 30)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="connections served at once (default: from RLIMIT_NOFILE, at most 256)",
+    )
+    p.add_argument(
+        "--max-registrations",
+        type=int,
+        default=None,
+        metavar="N",
+        help="fds held at once (default: what RLIMIT_NOFILE leaves)",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser(
@@ -93,7 +173,7 @@ def add_agent_commands(sub: Any) -> None:
         help="talk to the agent: register, withdraw, list, run",
         description="Hand an fd to the agent ('register NAME --fd N', N inherited "
         "from the shell, e.g. 3<file), take it back before an update ('withdraw'), "
-        "list what it holds, or ask it to run a playbook.",
+        "list what it holds, or ask it to run a playbook. " + _EXIT_CODES,
     )
     p.add_argument("--socket", default=DEFAULT_SOCKET)
     hs = p.add_subparsers(dest="action", required=True)

@@ -38,45 +38,112 @@ DEFAULT_SOCKET = "/run/liveupdate/agent.sock"
 MAX_PACKET = 1 << 16
 
 
+DEFAULT_TIMEOUT = 60.0
+
+
 class AgentError(OrchestratorError):
     """The agent refused a request, or cannot be reached."""
 
 
-class AgentClient(Closing):
-    """A connection to the agent; one request at a time."""
+class AgentUnreachableError(AgentError, ConnectionError):
+    """No agent answers at *path* (not running, wrong path, or not allowed by
+    the socket file's permissions), or it went away mid-request."""
 
-    def __init__(self, path: str | os.PathLike[str] = DEFAULT_SOCKET) -> None:
+    def __init__(self, path: str, problem: str, errno: int | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        self.errno = errno
+        super().__init__(f"cannot reach the agent at {path}: {problem}")
+
+
+class AgentRefusedError(AgentError):
+    """The agent answered *op* with a refusal; *reason* is its own message."""
+
+    def __init__(self, op: str, reason: str) -> None:
+        self.op = op
+        self.reason = reason
+        super().__init__(reason)
+
+
+class AgentClient(Closing):
+    """A connection to the agent; one request at a time.
+
+    :param timeout: seconds to wait for each answer (and to connect).
+    :raises AgentUnreachableError: no agent listens at *path*.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = DEFAULT_SOCKET,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.path = os.fspath(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.settimeout(timeout)
         try:
             self._sock.connect(self.path)
         except OSError as exc:
             self._sock.close()
-            raise AgentError(
-                f"cannot reach the agent at {self.path}: {exc.strerror}"
+            raise AgentUnreachableError(
+                self.path, exc.strerror or str(exc), exc.errno
             ) from exc
 
     def close(self) -> None:
         self._sock.close()
 
+    def _receive(self, flags: int = 0) -> tuple[bytes, list[int]]:
+        try:
+            raw, got, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 4, flags)
+        except ConnectionResetError:
+            # The agent refused this connection and closed it with the request
+            # unread; the reset is reported first, its answer is still queued.
+            raw, got, _flags, _addr = socket.recv_fds(
+                self._sock, MAX_PACKET, 4, socket.MSG_DONTWAIT
+            )
+        return raw, got
+
     def _call(
         self, request: dict[str, Any], fds: Sequence[int] = ()
     ) -> tuple[dict[str, Any], list[int]]:
+        op = str(request.get("op"))
         data = json.dumps(request).encode()
-        if fds:
-            socket.send_fds(self._sock, [data], fds)
-        else:
-            self._sock.send(data)
-        raw, got, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 4)
+        try:
+            try:
+                if fds:
+                    socket.send_fds(self._sock, [data], fds)
+                else:
+                    self._sock.send(data)
+            except OSError as exc:
+                # Refused at connect (not allowed, or the agent is full): the
+                # agent answered and hung up before this request went out.
+                try:
+                    raw, got = self._receive(socket.MSG_DONTWAIT)
+                except OSError:
+                    raise exc from None
+            else:
+                raw, got = self._receive()
+        except TimeoutError as exc:
+            raise AgentUnreachableError(self.path, "no answer in time") from exc
+        except OSError as exc:
+            raise AgentUnreachableError(
+                self.path, f"the connection failed: {exc.strerror}", exc.errno
+            ) from exc
         if not raw:
             for fd in got:
                 os.close(fd)
-            raise AgentError("the agent closed the connection")
-        answer: dict[str, Any] = json.loads(raw)
+            raise AgentUnreachableError(self.path, "the agent closed the connection")
+        try:
+            answer = json.loads(raw)
+            if not isinstance(answer, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            for fd in got:
+                os.close(fd)
+            raise AgentError(f"the agent sent a malformed answer: {exc}") from exc
         if not answer.get("ok"):
             for fd in got:
                 os.close(fd)
-            raise AgentError(str(answer.get("error", "refused")))
+            raise AgentRefusedError(op, str(answer.get("error", "refused")))
         return answer, got
 
     def register(self, name: str, fd: int) -> dict[str, Any]:

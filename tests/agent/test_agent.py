@@ -20,7 +20,9 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from orchestrator._agent import Agent, run_agent
+from orchestrator._agent import Agent, run_agent, with_agent_steps
+from orchestrator._phases import Phase
+from orchestrator._playbook import load_playbook
 from orchestrator.agent_client import AgentClient, AgentError
 from orchestrator.luo.sim import SimKernel
 
@@ -210,9 +212,36 @@ async def test_client_dying_mid_registration_registers_nothing(agent: Agent) -> 
     assert [i["name"] for i in items] == ["orphan"]  # type: ignore[attr-defined]
 
 
-def test_update_through_the_agent_keeps_fds_across_the_kexec(tmp_path: Path) -> None:
+AGENT_STEPS = {
+    "preserve": {"steps": [{"plugin": "agent"}]},
+    "prepare": {"steps": [{"plugin": "kexec"}]},
+    "restore": {"steps": [{"plugin": "agent"}]},
+    "finish": {"steps": [{"plugin": "agent"}]},
+}
+
+
+@pytest.mark.parametrize(
+    "phases",
+    [
+        pytest.param(AGENT_STEPS, id="playbook-names-agent"),
+        pytest.param(
+            {"prepare": {"steps": [{"plugin": "kexec"}]}}, id="playbook-without-agent"
+        ),
+        pytest.param(
+            {
+                "prepare": {"steps": [{"plugin": "kexec"}]},
+                "preserve": {"steps": [{"plugin": "faults", "name": "agent"}]},
+            },
+            id="step-named-agent-of-another-plugin",
+        ),
+    ],
+)
+def test_update_through_the_agent_keeps_fds_across_the_kexec(
+    tmp_path: Path, phases: dict[str, object]
+) -> None:
     """Workloads hand memfds to the agent and exit; the agent runs the update
-    (the simulated kexec ends it); started again, it resumes and hands them back."""
+    (the simulated kexec ends it); started again, it resumes and hands them back
+    -- whether or not the playbook names the agent's steps."""
     kernel = SimKernel(tmp_path / "kernel")
     state, sock = tmp_path / "state", tmp_path / "run" / "agent.sock"
     image = tmp_path / "vmlinuz-next"
@@ -223,12 +252,7 @@ def test_update_through_the_agent_keeps_fds_across_the_kexec(tmp_path: Path) -> 
             {
                 "name": "agent-update",
                 "next_kernel": {"image": str(image), "cmdline": "liveupdate=on"},
-                "phases": {
-                    "preserve": {"steps": [{"plugin": "agent"}]},
-                    "prepare": {"steps": [{"plugin": "kexec"}]},
-                    "restore": {"steps": [{"plugin": "agent"}]},
-                    "finish": {"steps": [{"plugin": "agent"}]},
-                },
+                "phases": phases,
             }
         )
     )
@@ -294,3 +318,31 @@ def test_update_through_the_agent_keeps_fds_across_the_kexec(tmp_path: Path) -> 
         check=True,
     )
     assert json.loads(status.stdout)["outcome"] == "completed"
+
+
+def test_agent_steps_are_added_where_the_playbook_has_none(tmp_path: Path) -> None:
+    book = tmp_path / "p.yaml"
+    book.write_text(
+        json.dumps(
+            {
+                "name": "p",
+                "phases": {
+                    "preserve": {"timeout": 5, "steps": [{"plugin": "faults"}]},
+                    "restore": {"steps": [{"plugin": "agent", "timeout": 7}]},
+                },
+            }
+        )
+    )
+    playbook = with_agent_steps(load_playbook(book))
+    steps = {
+        phase.value: [(s.plugin, s.name, s.index) for s in plan.steps]
+        for phase, plan in playbook.phases.items()
+    }
+    assert steps == {
+        "preserve": [("faults", "faults", 0), ("agent", "agent", 1)],
+        "restore": [("agent", "agent", 0)],
+        "finish": [("agent", "agent", 0)],
+    }
+    assert playbook.phases[Phase.PRESERVE].timeout == 5  # the playbook's own
+    assert playbook.phases[Phase.RESTORE].steps[0].timeout == 7  # kept as written
+    assert with_agent_steps(playbook) == playbook  # once is enough

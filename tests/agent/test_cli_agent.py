@@ -1,0 +1,107 @@
+"""``liveupdate handover`` and ``liveupdate agent``: expected errors are one line
+and a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+import pytest
+
+if TYPE_CHECKING:
+    from orchestrator._agent import Agent
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def liveupdate(
+    *argv: str, fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        pass_fds=fds,
+    )
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+async def handover(
+    agent: Agent, *argv: str, fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    return await anyio.to_thread.run_sync(
+        lambda: liveupdate(
+            "handover", "--socket", str(agent.socket_path), *argv, fds=fds
+        )
+    )
+
+
+async def test_fd_not_open_is_a_usage_error(agent: Agent) -> None:
+    done = await handover(agent, "register", "x", "--fd", "99")
+    assert done.returncode == 2
+    assert "--fd 99: not an open fd of this process" in one_line(done)
+    assert agent.registrations == {}
+
+
+async def test_refused_request_exits_1(agent: Agent) -> None:
+    fd = os.memfd_create("m")
+    os.write(fd, b"data")
+    try:
+        done = await handover(agent, "register", "x", "--fd", str(fd), fds=(fd,))
+        assert done.returncode == 0, done.stderr
+        assert "registered x: a memfd ('m'), 4 bytes" in done.stdout
+        again = await handover(agent, "register", "x", "--fd", str(fd), fds=(fd,))
+    finally:
+        os.close(fd)
+    assert again.returncode == 1
+    assert "the agent refused 'register': 'x' is already registered" in one_line(again)
+    gone = await handover(agent, "withdraw", "ghost")
+    assert gone.returncode == 1
+    assert "nothing is registered under 'ghost'" in one_line(gone)
+    assert list(agent.registrations) == ["x"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param(("list",), id="list"),
+        pytest.param(("withdraw", "x"), id="withdraw"),
+        pytest.param(("run", "p.yaml"), id="run"),
+    ],
+)
+def test_unreachable_agent_exits_6(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    done = liveupdate("handover", "--socket", str(tmp_path / "none.sock"), *argv)
+    assert done.returncode == 6
+    assert "cannot reach the agent at" in one_line(done)
+    assert "No such file or directory" in done.stderr
+
+
+def test_agent_that_cannot_start_exits_1(tmp_path: Path) -> None:
+    blocker = tmp_path / "run" / "agent.sock"
+    blocker.parent.mkdir()
+    blocker.write_text("not a socket")
+    done = liveupdate(
+        "agent",
+        "--socket",
+        str(blocker),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--kernel",
+        f"sim:{tmp_path / 'kernel'}",
+    )
+    assert done.returncode == 1
+    assert "exists and is not a socket; not replacing it" in one_line(done)
+    assert blocker.read_text() == "not a socket"
