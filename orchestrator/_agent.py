@@ -545,9 +545,7 @@ async def run_agent(
 
 async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) -> None:
     from ._engine import Engine, plugin_manager
-    from ._journal import last_run, read_journal
     from ._playbook import load_playbook
-    from ._resume import read_plan
 
     socket_path, state_dir, kernel = agent.socket_path, agent.state_dir, agent.kernel
 
@@ -559,12 +557,10 @@ async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) ->
             kernel,
             state_dir,
             pm=pm,
+            owner="agent",  # after the kexec the agent, not the boot unit, restores
         )
 
-    if read_plan(state_dir) is not None:
-        start = last_run(read_journal(state_dir))[0]
-        outcome = await engine_for(Path(start["playbook"])).resume()
-        logger.info("resumed the interrupted update: %s", outcome.value)
+    await _resume_own_update(state_dir, engine_for)
     await agent.save()
 
     async def run_update(engine: Engine) -> None:
@@ -591,3 +587,40 @@ async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) ->
         await tg.start(agent.serve)
         await tg.start(serve_control, agent, control_socket_for(socket_path))
         task_status.started(agent)
+
+
+async def _resume_own_update(
+    state_dir: Path, engine_for: Callable[[Path], Engine]
+) -> None:
+    """Finish (or cancel) the update this agent started before it stopped.
+
+    Only the agent's own runs (``owner: agent``) are its to resume: the boot
+    unit leaves them to it, and the keeper holds their sessions meanwhile. A
+    resume that fails is logged and the agent serves on: the data stays with
+    the keeper, and restarting the agent tries again.
+    """
+    import anyio.to_thread
+
+    from ._journal import read_journal, unfinished
+
+    try:
+        left = unfinished(await anyio.to_thread.run_sync(read_journal, state_dir))
+    except OrchestratorError as exc:
+        logger.error("cannot read the journal: %s", exc)
+        return
+    if not left or left[0].get("owner") != "agent":
+        return
+    try:
+        engine = await anyio.to_thread.run_sync(
+            engine_for, Path(str(left[0]["playbook"]))
+        )
+        outcome = await engine.resume()
+    except OrchestratorError as exc:
+        logger.error(
+            "could not resume the interrupted update %s: %s; its data stays with "
+            "the keeper: fix this and restart the agent",
+            left[0]["run"],
+            exc,
+        )
+        return
+    logger.info("resumed the interrupted update %s: %s", left[0]["run"], outcome.value)

@@ -1,9 +1,10 @@
 """A seam for the fault-matrix tests: die at the N-th event of a kind.
 
 ``LIVEUPDATE_TEST_CRASH_AT=KIND:N`` makes the process SIGKILL itself right
-after its N-th journal record (``record``) or right before its N-th request
-to the keeper (``keeper``: between two kernel calls of the restore) -- the
-crashes an operator's host can have, placed exactly. Unset, it costs one
+after its N-th journal record (``record``), right before its N-th request
+to the keeper (``keeper``: between two kernel calls of the restore), or
+right after sending it, before the answer (``keeper-sent``) -- the crashes
+an operator's host can have, placed exactly. Unset, it costs one
 dictionary look-up per event.
 """
 

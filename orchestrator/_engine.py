@@ -285,13 +285,11 @@ class Engine:
                 plugin=step.plugin,
                 ok=False,
                 attempts=attempts,
-                error=f"{type(exc).__name__}: {exc}",
+                error=_describe(exc),
             )
             if isinstance(exc, PhaseError):
                 raise
-            raise PhaseError(
-                step.phase.value, step.name, f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise PhaseError(step.phase.value, step.name, _describe(exc)) from exc
         self._log(
             "step_end",
             phase=step.phase.value,
@@ -609,13 +607,14 @@ class Engine:
         if not any(r["event"] == "state" and r["state"] == "UPDATED" for r in after):
             self._state(State.UPDATED)
         try:
-            if Phase.RESTORE.value not in finished:
-                await self._run_phase(run, Phase.RESTORE, [])
-                self._log("blackout_end")
-                # Reading the kernel log is not blackout work: only now.
-                self._log("kernel", liveupdate_number=_number(self.kernel))
-            if Phase.FINISH.value not in finished:
-                await self._run_phase(run, Phase.FINISH, [])
+            # Run again in full after an interrupted resume: restore hooks are
+            # idempotent, and owners that live in a process (the agent's
+            # registrations) must be restored in this one.
+            await self._run_phase(run, Phase.RESTORE, [])
+            self._log("blackout_end")
+            # Reading the kernel log is not blackout work: only now.
+            self._log("kernel", liveupdate_number=_number(self.kernel))
+            await self._run_phase(run, Phase.FINISH, [])
         except Exception as exc:  # noqa: BLE001  (after the kexec: journaled, kept for a retry)
             self._state(State.FAILED)
             self._log(

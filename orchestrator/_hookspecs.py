@@ -73,11 +73,22 @@ class PhaseSpecs:
 
     @hookspec
     async def lu_restore(self, ctx: StepContext) -> None:
-        """In the new kernel: take fds back with ``ctx.retrieve()`` and restart workloads."""
+        """In the new kernel: take fds back with ``ctx.retrieve()`` and restart workloads.
+
+        Must be idempotent: a resume that was interrupted runs the whole
+        restore phase again, and ``ctx.retrieve()`` then hands back the same
+        files (the keeper holds them), so adopt what an earlier attempt
+        started rather than starting it twice.
+        """
 
     @hookspec
     async def lu_finish(self, ctx: StepContext) -> None:
-        """In the new kernel, after every restore: final checks and clean-up."""
+        """In the new kernel, after every restore: final checks and clean-up.
+
+        Idempotent too (run again after an interrupted resume). The kernel
+        FINISHes the sessions after this phase: files not taken by then are
+        gone.
+        """
 
 
 ROLLBACK_SUFFIX = "_rollback"

@@ -209,7 +209,7 @@ class Journal:
         except OSError as exc:
             raise JournalError(
                 f"cannot use the state dir {self.state_dir}: "
-                f"{exc.strerror or exc} ({E.errorcode.get(exc.errno or 0, '?')})"
+                f"{exc.strerror or exc} [{E.errorcode.get(exc.errno or 0, '?')}]"
             ) from exc
         try:
             self._fd = self._open_for_append()
@@ -254,6 +254,7 @@ class Journal:
         path = str(self.path)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            _regular(fd, path)
             size = os.fstat(fd).st_size
             if size == 0:
                 _fsync_dir(self.state_dir)  # the new file's name is durable too
@@ -333,21 +334,48 @@ def read_journal(
     """
     path = os.path.join(state_dir, JOURNAL_FILE)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read(path)
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise JournalError(f"cannot read the journal in {state_dir}: {exc}") from exc
+        raise JournalError(
+            f"cannot read the journal {path}: {exc.strerror or exc}"
+        ) from exc
     return parse_records(raw, path, strict=strict)[0]
+
+
+def _regular(fd: int, path: str) -> int:
+    """The size of the regular file open as *fd* (a device or a FIFO is refused)."""
+    import stat
+
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(E.EINVAL, "not a regular file")
+    return st.st_size
+
+
+def _read(path: str) -> bytes:
+    """A journal's bytes: a regular file, read to the size it has now."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        size = _regular(fd, path)
+        chunks, got = [], 0
+        while got < size:
+            chunk = os.pread(fd, size - got, got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def journal_damage(state_dir: str | os.PathLike[str]) -> list[JournalCorruptError]:
     """The bad lines of the journal in *state_dir* (for reports)."""
     path = os.path.join(state_dir, JOURNAL_FILE)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read(path)
     except OSError:
         return []
     return parse_records(raw, path, strict=False)[1]

@@ -173,14 +173,17 @@ def _serve(sock: socket.socket, h: _Holdings) -> None:
                 if not raw:
                     break
                 text, fds = _answer(h, raw.decode(errors="replace").split("\t"))
+                finished = text == "ok" and raw == b"finish"
                 try:
                     if fds:
                         socket.send_fds(conn, [text.encode()], fds)
                     else:
                         conn.send(text.encode())
                 except OSError:
+                    if finished:  # the asker died meanwhile: the work is done
+                        os._exit(0)
                     break
-                if text == "ok" and raw == b"finish":
+                if finished:
                     os._exit(0)
 
 
@@ -366,6 +369,7 @@ class Keeper:
         try:
             with self._lock:
                 self._sock.send("\t".join(fields).encode())
+                crash_point("keeper-sent")  # asked, and gone before the answer
                 raw, fds, _flags, _addr = socket.recv_fds(self._sock, _MAX, 1)
         except OSError as exc:
             raise KeeperError(f"the keeper did not answer: {exc}") from exc

@@ -83,6 +83,7 @@ METRIC_NAMES = (
     "liveupdate_updates_total",
     "liveupdate_cancelled_total",
     "liveupdate_state",
+    "liveupdate_update_interrupted",
     "liveupdate_last_blackout_seconds",
     "liveupdate_last_phase_duration_seconds",
     "liveupdate_last_run_outcome",
@@ -315,11 +316,26 @@ class JournalCollector:
             self._metrics = list(families(observed, runs))
             self._key = key
             logger.debug("metrics: read %d runs from %s", len(runs), self.state_dir)
-        return list(self._metrics)
+        # Not cached: an update is interrupted when its process dies, which
+        # changes no byte of the journal.
+        return [*self._metrics, interrupted_gauge(self.state_dir)]
 
     def describe(self) -> Iterable[Metric]:
         # No collect() at registration: the journal may not exist yet.
         return []
+
+
+def interrupted_gauge(state_dir: str | os.PathLike[str]) -> Metric:
+    """1 when the last update never ended and no orchestrator runs it."""
+    from ._journal import lock_holder, unfinished
+
+    stuck = bool(unfinished(read_journal(state_dir))) and lock_holder(state_dir) is None
+    return GaugeMetricFamily(
+        "liveupdate_update_interrupted",
+        "1 when the last update stopped without ending and nothing runs it: "
+        "'liveupdate status' names the command that finishes or cancels it",
+        value=1.0 if stuck else 0.0,
+    )
 
 
 def register_metrics(

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 import pytest
 
+from orchestrator.luo.sim import SimKernel
+
 if TYPE_CHECKING:
     from orchestrator._agent import Agent
 
@@ -93,6 +95,7 @@ def test_agent_that_cannot_start_exits_1(tmp_path: Path) -> None:
     blocker = tmp_path / "run" / "agent.sock"
     blocker.parent.mkdir()
     blocker.write_text("not a socket")
+    SimKernel(tmp_path / "kernel")
     done = liveupdate(
         "agent",
         "--socket",

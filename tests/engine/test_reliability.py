@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # How many records and keeper requests a resume of the standard playbook makes
 # (counted once below, then asserted, so the matrix cannot silently shrink).
 RESUME_RECORDS = 14
-RESUME_KEEPER_CALLS = 3
+RESUME_KEEPER_CALLS = 4
 RUN_RECORDS = 23
 
 
@@ -85,6 +85,10 @@ def test_resume_counts_are_what_the_matrix_assumes(host: Host) -> None:
             pytest.param(f"keeper:{n}", id=f"resume-keeper-{n}")
             for n in range(1, RESUME_KEEPER_CALLS + 1)
         ),
+        *(
+            pytest.param(f"keeper-sent:{n}", id=f"resume-keeper-sent-{n}")
+            for n in range(1, RESUME_KEEPER_CALLS + 1)
+        ),
     ],
 )
 def test_resume_killed_anywhere_is_run_again_to_completion(
@@ -126,7 +130,7 @@ def test_resume_killed_twice_in_a_row(host: Host) -> None:
     assert_completed(host)
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(int(os.environ.get("RK_SEEDS", "8"))))
 def test_resume_killed_at_a_random_moment(host: Host, seed: int) -> None:
     """SIGKILL from outside at a random moment (seeded), then the documented
     recovery: run resume again. Nothing may be lost, whenever it lands."""
@@ -194,8 +198,20 @@ def test_second_run_after_a_run_killed_while_frozen(host: Host) -> None:
     status = host.status()
     assert status["interrupted"]
     assert "liveupdate resume" in status["next_command"]
+    assert interrupted_metric(host) == 1.0  # so an alert can fire
     assert host.resume(book).returncode == 5
     assert_cancelled(host)
+    assert interrupted_metric(host) == 0.0
+
+
+def interrupted_metric(host: Host) -> float | None:
+    from prometheus_client import CollectorRegistry
+
+    from orchestrator._metrics import register_metrics
+
+    registry = CollectorRegistry()
+    register_metrics(registry, host.state, history=True)
+    return registry.get_sample_value("liveupdate_update_interrupted")
 
 
 def test_cancel_after_the_kexec_is_refused(host: Host) -> None:
