@@ -550,10 +550,17 @@ async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) ->
     socket_path, state_dir, kernel = agent.socket_path, agent.state_dir, agent.kernel
 
     def engine_for(playbook: Path) -> Engine:
+        from ._engine import check_playbook
+        from ._errors import PlaybookError
+
         pm = plugin_manager(extra=[AgentPlugin(agent)])
         known = {name for name, _ in pm.list_name_plugin()}
+        book = with_agent_steps(load_playbook(playbook, known_plugins=known))
+        problems = check_playbook(pm, book)  # the plugins' options, as `plan` does
+        if problems:
+            raise PlaybookError(str(playbook), None, "; ".join(problems))
         return Engine(
-            with_agent_steps(load_playbook(playbook, known_plugins=known)),
+            book,
             kernel,
             state_dir,
             pm=pm,

@@ -221,7 +221,13 @@ class Engine:
             self.journal_error = exc
             record = {"event": event, **fields}
         if self.reporter is not None:
-            self.reporter(record)
+            try:
+                self.reporter(record)
+            except OSError as exc:
+                # Whoever watched (a closed pipe, a full terminal log) is gone:
+                # the update goes on, with the journal as its record.
+                logger.warning("progress output stopped: %s", exc)
+                self.reporter = None
         return record
 
     def _state(self, state: State, **fields: Any) -> None:

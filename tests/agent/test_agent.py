@@ -23,7 +23,7 @@ import pytest
 from orchestrator._agent import Agent, run_agent, with_agent_steps
 from orchestrator._phases import Phase
 from orchestrator._playbook import load_playbook
-from orchestrator.agent_client import AgentClient, AgentError
+from orchestrator.agent_client import AgentClient, AgentError, AgentRefusedError
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:
@@ -346,3 +346,31 @@ def test_agent_steps_are_added_where_the_playbook_has_none(tmp_path: Path) -> No
     assert playbook.phases[Phase.PRESERVE].timeout == 5  # the playbook's own
     assert playbook.phases[Phase.RESTORE].steps[0].timeout == 7  # kept as written
     assert with_agent_steps(playbook) == playbook  # once is enough
+
+
+async def test_playbook_with_a_bad_option_is_refused_up_front(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """The agent checks a playbook's options as `plan` does: a typo is a
+    refusal naming the key, and nothing starts (registrations stay open)."""
+    book = tmp_path / "typo.yaml"
+    book.write_text(
+        json.dumps(
+            {
+                "name": "typo",
+                "phases": {
+                    "prepare": {"steps": [{"plugin": "kexec", "with": {"imag": "x"}}]}
+                },
+            }
+        )
+    )
+    fd = memfd_with(b"kept" * 100)
+    await call(agent, "register", "w0", fd)
+    with pytest.raises(AgentRefusedError, match=r"imag.*did you mean 'image'"):
+        await call(agent, "run", book)
+    assert not agent.updating
+    back = await call(agent, "reclaim", "w0")  # not frozen: nothing started
+    assert isinstance(back, int)
+    assert os.pread(back, 400, 0) == b"kept" * 100
+    os.close(back)
+    os.close(fd)
