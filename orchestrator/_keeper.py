@@ -40,13 +40,17 @@ from ._crashpoint import crash_point
 from ._errors import OrchestratorError
 
 if TYPE_CHECKING:
+    import selectors
     from collections.abc import Sequence
 
     from .luo import Kernel, OwnedFd, RfcDevice, Session
 
 _PEERCRED = struct.Struct("3i")
 _MAX = 4096
-_CLIENT_TIMEOUT = 30.0
+_MAX_CLIENTS = 64
+_SEND_TIMEOUT = 10.0
+_CLIENT_TIMEOUT = 300.0
+"""How long a client waits for an answer (a RETRIEVE of a large file is slow)."""
 
 
 class KeeperError(OrchestratorError):
@@ -152,39 +156,57 @@ def _answer(h: _Holdings, fields: list[str]) -> tuple[str, list[int]]:
 
 
 def _serve(sock: socket.socket, h: _Holdings) -> None:
+    """Answer every client, each request as it comes: no client can hold the
+    others up (an idle one costs nothing; there is no idle timeout to cut a
+    resume that works for minutes between two requests)."""
+    import selectors
+
     uid = os.getuid()
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
     while True:
-        try:
-            conn, _ = sock.accept()
-        except InterruptedError:
-            continue
-        with conn:
-            conn.settimeout(_CLIENT_TIMEOUT)
-            _pid, peer_uid, _gid = _PEERCRED.unpack(
-                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            )
-            if peer_uid != uid:
-                continue  # not even read: only the keeper's own user is served
-            while True:
-                try:
-                    raw = conn.recv(_MAX)
-                except OSError:
-                    break
-                if not raw:
-                    break
-                text, fds = _answer(h, raw.decode(errors="replace").split("\t"))
-                finished = text == "ok" and raw == b"finish"
-                try:
-                    if fds:
-                        socket.send_fds(conn, [text.encode()], fds)
-                    else:
-                        conn.send(text.encode())
-                except OSError:
-                    if finished:  # the asker died meanwhile: the work is done
-                        os._exit(0)
-                    break
-                if finished:
-                    os._exit(0)
+        for key, _events in sel.select():
+            if key.fileobj is sock:
+                _accept(sock, sel, uid)
+                continue
+            conn = key.fileobj
+            assert isinstance(conn, socket.socket)
+            try:
+                raw = conn.recv(_MAX)
+            except OSError:
+                raw = b""
+            if not raw:
+                sel.unregister(conn)
+                conn.close()
+                continue
+            text, fds = _answer(h, raw.decode(errors="replace").split("\t"))
+            try:
+                if fds:
+                    socket.send_fds(conn, [text.encode()], fds)
+                else:
+                    conn.send(text.encode())
+            except OSError:
+                sel.unregister(conn)
+                conn.close()
+            if text == "ok" and raw == b"finish":
+                os._exit(0)  # done, whether or not the asker is still there
+
+
+def _accept(sock: socket.socket, sel: selectors.BaseSelector, uid: int) -> None:
+    import selectors
+
+    try:
+        conn, _ = sock.accept()
+    except OSError:
+        return
+    _pid, peer_uid, _gid = _PEERCRED.unpack(
+        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    if peer_uid != uid or len(sel.get_map()) > _MAX_CLIENTS:
+        conn.close()  # not even read: only the keeper's own user is served
+        return
+    conn.settimeout(_SEND_TIMEOUT)  # answers are small; a peer that never reads
+    sel.register(conn, selectors.EVENT_READ)
 
 
 def _daemon(
