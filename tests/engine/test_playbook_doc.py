@@ -113,3 +113,32 @@ def test_documented_defaults_are_the_loaders(key: schema.Key, value: float) -> N
         assert int(key.default) == value
     else:
         assert parse_duration(key.default, key.name) == value
+
+
+def test_example_from_the_reference_runs(tmp_path: Path) -> None:
+    """Written from the reference alone, the example goes through a whole
+    live update (on the demo's simulated kernel, in the demo's directory)."""
+    import subprocess
+    import sys
+
+    book = tmp_path / "example.yaml"
+    book.write_text(example_from_reference())
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "demo",
+            str(book),
+            "--state-dir",
+            str(tmp_path / "demo"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("every byte came back") == 2  # count: 2
+    assert "outcome completed" in done.stdout
