@@ -521,6 +521,10 @@ class Engine:
                     f"journal {self.journal.path} replaced or emptied?)"
                 )
             if not records or any(r["event"] == "run_end" for r in records):
+                if prefetched is not None:
+                    # The run ended before its plan was removed: whatever the
+                    # keeper found then is nothing of this run's to keep.
+                    prefetched[1].finish()
                 remove_plan(self.state_dir)
                 return Outcome.NOTHING
             self._use_recorded_playbook(records[0])
@@ -607,7 +611,7 @@ class Engine:
             Phase.FINISH.value in finished and missing >= set(names or ["rfc"])
         ):
             # An earlier resume FINISHed and stopped before it said so.
-            return self._completed(keeper, finish=False)
+            return self._completed(keeper)
         if missing and missing >= set(names or ["rfc"]):
             return await self._lost(keeper)
         if not any(r["event"] == "state" and r["state"] == "UPDATED" for r in after):
@@ -629,15 +633,12 @@ class Engine:
                 keeper_pid=getattr(keeper, "pid", None),
             )
             return Outcome.FAILED
-        return self._completed(keeper, finish=True)
+        return self._completed(keeper)
 
-    def _completed(self, keeper: Retriever, *, finish: bool) -> Outcome:
-        if finish:
-            keeper.finish()  # every owner holds its fds: the kernel may let go
-        else:
-            close = getattr(keeper, "close", None)
-            if close is not None:
-                close()
+    def _completed(self, keeper: Retriever) -> Outcome:
+        # Every owner holds its fds: the kernel may let go. (After an earlier
+        # resume that FINISHed, the keeper holds nothing, and just exits.)
+        keeper.finish()
         self._log("kernel_finish")
         self._state(State.NORMAL)
         self._log("run_end", outcome=Outcome.COMPLETED.value)

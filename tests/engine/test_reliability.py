@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from orchestrator._journal import read_journal
+from orchestrator._keeper import Keeper
 from tests.engine.conftest import ROOT, events
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def assert_completed(host: Host) -> None:
     host.assert_workloads_intact()
     host.assert_running()
     assert not (host.state / "restore-plan").exists()
+    assert Keeper.connect(host.state) is None  # it let go and exited
 
 
 def assert_cancelled(host: Host) -> None:
