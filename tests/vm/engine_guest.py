@@ -86,7 +86,14 @@ def kmark(name: str) -> None:
     try:
         os.write(_kmsg_fd, line.encode())
     except OSError:
-        pass
+        # The keeper, forked from resume, closes every fd it inherited (this
+        # one too) and keeps the audit hook: open /dev/kmsg again there.
+        _kmsg_fd = -1
+        try:
+            _kmsg_fd = os.open("/dev/kmsg", os.O_WRONLY | os.O_CLOEXEC)
+            os.write(_kmsg_fd, line.encode())
+        except OSError:
+            pass
 
 
 def install_trace() -> None:
