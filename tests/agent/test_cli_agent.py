@@ -4,41 +4,19 @@ and a documented exit code, never a traceback."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
 import pytest
 
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import liveupdate, one_line
 
 if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
     from orchestrator._agent import Agent
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def liveupdate(
-    *argv: str, fds: tuple[int, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        pass_fds=fds,
-    )
-
-
-def one_line(done: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 async def handover(

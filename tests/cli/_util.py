@@ -13,16 +13,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def liveupdate(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    fds: tuple[int, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """``liveupdate ARGS`` in a new process, its output captured."""
+    """``liveupdate ARGS`` in a new process, its output captured; *fds* are
+    inherited (for ``handover register --fd N``)."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=False,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        pass_fds=fds,
     )
 
 
