@@ -57,6 +57,10 @@ class KeeperError(OrchestratorError):
     """The keeper could not be started or reached, or refused a request."""
 
 
+class _GoneError(KeeperError):
+    """The keeper hung up before saying hello: it is on its way out."""
+
+
 def address(state_dir: str | os.PathLike[str]) -> bytes:
     """The keeper's abstract socket address for *state_dir*."""
     import hashlib
@@ -180,6 +184,12 @@ def _serve(sock: socket.socket, h: _Holdings) -> None:
                 conn.close()
                 continue
             text, fds = _answer(h, raw.decode(errors="replace").split("\t"))
+            finished = text == "ok" and raw == b"finish"
+            if finished:
+                # Free the address before saying so: whoever comes next
+                # starts afresh instead of reaching a keeper on its way out.
+                sel.unregister(sock)
+                sock.close()
             try:
                 if fds:
                     socket.send_fds(conn, [text.encode()], fds)
@@ -188,7 +198,7 @@ def _serve(sock: socket.socket, h: _Holdings) -> None:
             except OSError:
                 sel.unregister(conn)
                 conn.close()
-            if text == "ok" and raw == b"finish":
+            if finished:
                 os._exit(0)  # done, whether or not the asker is still there
 
 
@@ -338,7 +348,11 @@ class Keeper:
         self._sock = sock
         # One request at a time: restores run concurrently, in threads.
         self._lock = _thread.allocate_lock()
-        fields = self._call("hello")[0]
+        try:
+            fields = self._call("hello")[0]
+        except KeeperError as exc:
+            sock.close()
+            raise _GoneError(str(exc)) from exc
         self.pid = int(fields[1])
         self.run_id = fields[2]
         self.abi = fields[3]
@@ -371,8 +385,14 @@ class Keeper:
         sessions: Sequence[str],
     ) -> Keeper:
         """The keeper holding run *run_id*'s sessions: the running one, or a new one."""
-        for _ in range(3):
-            keeper = cls.connect(state_dir)
+        import time
+
+        for _ in range(40):
+            try:
+                keeper = cls.connect(state_dir)
+            except _GoneError:
+                time.sleep(0.05)  # one on its way out: its address frees soon
+                continue
             if keeper is not None:
                 if keeper.run_id != run_id:
                     keeper.close()
@@ -384,7 +404,9 @@ class Keeper:
             said = _spawn(kernel, address(state_dir), run_id, abi, sessions)
             if said.startswith("error"):
                 raise KeeperError(f"the keeper could not retrieve: {said[6:]}")
-        raise KeeperError("the keeper did not start")
+            if said != "ready":
+                time.sleep(0.05)  # another one took the address: ask it
+        raise KeeperError("the keeper did not start (its address stayed taken)")
 
     def _call(self, *fields: str) -> tuple[list[str], list[int]]:
         crash_point("keeper")
