@@ -604,17 +604,21 @@ class Engine:
         else:
             keeper = prefetched
         run.retriever = keeper
-        missing = set(getattr(keeper, "missing", ()))
+        # The kernel's word on this boot: did the planned sessions come through?
+        none_came = bool(keeper.missing) and set(keeper.missing) >= set(
+            names or ["rfc"]
+        )
         after = _after_kexec(records)
         finished = {r["phase"] for r in after if r["event"] == "phase_end" and r["ok"]}
         if any(r["event"] == "kernel_finish" for r in after) or (
-            Phase.FINISH.value in finished and missing >= set(names or ["rfc"])
+            Phase.FINISH.value in finished and none_came
         ):
             # An earlier resume FINISHed and stopped before it said so.
             return self._completed(keeper)
-        if missing and missing >= set(names or ["rfc"]):
+        if none_came:
             return await self._lost(keeper)
-        if not any(r["event"] == "state" and r["state"] == "UPDATED" for r in after):
+        states = [r["state"] for r in after if r["event"] == "state"]
+        if states[-1:] != [State.UPDATED.value]:
             self._state(State.UPDATED)
         try:
             # Run again in full after an interrupted resume: restore hooks are
@@ -630,7 +634,7 @@ class Engine:
             self._log(
                 "resume_failed",
                 error=_describe(exc),
-                keeper_pid=getattr(keeper, "pid", None),
+                keeper_pid=keeper.pid,
             )
             return Outcome.FAILED
         return self._completed(keeper)

@@ -133,5 +133,8 @@ class Retriever(Protocol):
     what it retrieved, so that nothing dies with the process that asked.
     """
 
+    pid: int  # of the process that holds what was retrieved
+    missing: list[str]  # planned sessions the new kernel did not have
+
     def retrieve(self, entry: dict[str, Any]) -> OwnedFd: ...
     def finish(self) -> None: ...
