@@ -166,7 +166,7 @@ def main() -> None:
         shutil.rmtree(state, ignore_errors=True)
         shutil.copytree(snapshot, state, symlinks=True)
         probe = (
-            "import sys\nfrom orchestrator import _resume\n"
+            "import sys\nfrom orchestrator.restore import _resume\n"
             f"_resume.prefetch(['--state-dir', {str(state)!r}, '--kernel', "
             f"{'sim:' + str(state / 'kernel')!r}])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -8,23 +8,23 @@ after a kexec pays only for what it touches.
 from __future__ import annotations
 
 from orchestrator._compat import TYPE_CHECKING
-
-from ._errors import InvalidArgumentError, OrchestratorError
+from orchestrator._compat import lazy_exports as _lazy_exports
+from orchestrator.errors import InvalidArgumentError, OrchestratorError
 
 if TYPE_CHECKING:
-    from ._context import RunContext, StepContext
-    from ._engine import Engine, Outcome, plugin_manager
-    from ._errors import (
+    from orchestrator.engine._context import RunContext, StepContext
+    from orchestrator.engine._engine import Engine, Outcome, plugin_manager
+    from orchestrator.engine._hookspecs import hookimpl, hookspec
+    from orchestrator.engine._options import Option, check_options, option_value
+    from orchestrator.engine._phases import Phase, State
+    from orchestrator.engine._playbook import Playbook, Step, load_playbook
+    from orchestrator.errors import (
         PhaseError,
         PhaseTimeoutError,
         PlaybookError,
         PluginError,
         TransientError,
     )
-    from ._hookspecs import hookimpl, hookspec
-    from ._options import Option, check_options, option_value
-    from ._phases import Phase, State
-    from ._playbook import Playbook, Step, load_playbook
 
 __all__ = [
     "Engine",
@@ -54,39 +54,26 @@ __all__ = [
 # The rest of the public API is imported on first use (PEP 562): `import
 # orchestrator.luo` on the restore path must not pull in anyio, pluggy or yaml.
 _LAZY = {
-    "hookimpl": "._hookspecs",
-    "hookspec": "._hookspecs",
-    "StepContext": "._context",
-    "RunContext": "._context",
-    "Engine": "._engine",
-    "Outcome": "._engine",
-    "plugin_manager": "._engine",
-    "Phase": "._phases",
-    "State": "._phases",
-    "PlaybookError": "._errors",
-    "PluginError": "._errors",
-    "PhaseError": "._errors",
-    "PhaseTimeoutError": "._errors",
-    "TransientError": "._errors",
-    "load_playbook": "._playbook",
-    "Playbook": "._playbook",
-    "Step": "._playbook",
-    "Option": "._options",
-    "check_options": "._options",
-    "option_value": "._options",
+    "hookimpl": ".engine._hookspecs",
+    "hookspec": ".engine._hookspecs",
+    "StepContext": ".engine._context",
+    "RunContext": ".engine._context",
+    "Engine": ".engine._engine",
+    "Outcome": ".engine._engine",
+    "plugin_manager": ".engine._engine",
+    "Phase": ".engine._phases",
+    "State": ".engine._phases",
+    "PlaybookError": ".errors",
+    "PluginError": ".errors",
+    "PhaseError": ".errors",
+    "PhaseTimeoutError": ".errors",
+    "TransientError": ".errors",
+    "load_playbook": ".engine._playbook",
+    "Playbook": ".engine._playbook",
+    "Step": ".engine._playbook",
+    "Option": ".engine._options",
+    "check_options": ".engine._options",
+    "option_value": ".engine._options",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY)

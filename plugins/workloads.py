@@ -1,7 +1,7 @@
 """Workloads that keep their state in a memfd: the demo's plugin.
 
 ``liveupdate demo`` and ``playbooks/demo.yaml`` use it, with the demo
-key-value stores (:mod:`orchestrator.demo_kv`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
+key-value stores (:mod:`orchestrator.demo.kv`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
 SHA-256). quiesce checks they answer; preserve takes each memfd through
 ``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP: the
 blackout starts); after the kexec, restore starts each again on its retrieved
@@ -28,7 +28,7 @@ import anyio
 import anyio.to_thread
 
 from orchestrator import Option, TransientError, hookimpl, option_value
-from orchestrator.demo_kv import ask
+from orchestrator.demo.kv import ask
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
@@ -81,7 +81,7 @@ def launch(
     argv = [
         sys.executable,
         "-m",
-        "orchestrator.demo_kv",
+        "orchestrator.demo.kv",
         "--name",
         name,
         "--registry",

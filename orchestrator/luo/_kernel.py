@@ -131,7 +131,7 @@ def kernel_from_spec(spec: str | None = None) -> Kernel:
     :raises InvalidArgumentError: *spec* names neither, or DIR holds no
         simulated kernel.
     """
-    from orchestrator._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     spec = spec or os.environ.get(KERNEL_ENV) or "real"
     if spec == "real":

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
-from orchestrator._errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
 
 from ._qmp import QmpError
 

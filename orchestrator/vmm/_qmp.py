@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from orchestrator._errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
 
 if TYPE_CHECKING:
     import os

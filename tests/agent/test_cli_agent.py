@@ -15,7 +15,7 @@ import pytest
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:
-    from orchestrator._agent import Agent
+    from orchestrator.agent._server import Agent
 
 ROOT = Path(__file__).resolve().parents[2]
 

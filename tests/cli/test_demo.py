@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator.demo_kv import ask, running, stop
+from orchestrator.demo.kv import ask, running, stop
 from plugins.workloads import launch, wait_published
 
 from ._util import ROOT, liveupdate, tree

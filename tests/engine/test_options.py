@@ -18,9 +18,9 @@ from orchestrator import (
     option_value,
     plugin_manager,
 )
-from orchestrator._engine import check_playbook
-from orchestrator._playbook import parse_playbook
 from orchestrator.cli import main
+from orchestrator.engine._engine import check_playbook
+from orchestrator.engine._playbook import parse_playbook
 from plugins import BUILTIN_PLUGINS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +121,7 @@ def test_builtin_plugin_declares_every_option_it_reads(name: str) -> None:
     read = {a or b for a, b in _READS.findall(inspect.getsource(module))}
     if name == "workloads":
         # `liveupdate demo` reads these from the first quiesce step.
-        source = (ROOT / "orchestrator/_cli_update.py").read_text()
+        source = (ROOT / "orchestrator/cli/_update.py").read_text()
         read |= {a or b for a, b in _READS.findall(source)} & {"count", "size_mib"}
         assert {"count", "size_mib"} <= read
     assert read, name

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import _playbook_schema as schema
-from orchestrator._playbook import RetryPolicy, load_playbook, parse_duration
-from orchestrator._playbook_doc import EXAMPLE, render
 from orchestrator.cli import main
+from orchestrator.engine import _playbook_schema as schema
+from orchestrator.engine._playbook import RetryPolicy, load_playbook, parse_duration
+from orchestrator.engine._playbook_doc import EXAMPLE, render
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "playbook.md"
-REGENERATE = "python -m orchestrator._playbook_doc > docs/playbook.md"
+REGENERATE = "python -m orchestrator.engine._playbook_doc > docs/playbook.md"
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pluggy
 
 from orchestrator import Phase, plugin_manager
-from orchestrator._engine import check_playbook, hook_for
-from orchestrator._playbook import parse_playbook
+from orchestrator.engine._engine import check_playbook, hook_for
+from orchestrator.engine._playbook import parse_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,13 +17,13 @@ import httpx
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator._metrics import register_metrics
-from orchestrator._metrics_export import (
+from orchestrator.observe._export import (
     MetricsExportError,
     parse_listen,
     push,
     serve_metrics,
 )
+from orchestrator.observe._metrics import register_metrics
 
 from ._runs import liveupdate
 from ._servers import query

@@ -33,9 +33,9 @@ import os
 import time
 
 from orchestrator._compat import TYPE_CHECKING
+from orchestrator.errors import OrchestratorError
 
 from ._crashpoint import crash_point
-from ._errors import OrchestratorError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

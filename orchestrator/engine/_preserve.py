@@ -12,20 +12,19 @@ from __future__ import annotations
 import os
 
 from orchestrator._compat import TYPE_CHECKING, Protocol
-
-from .luo._session import LiveUpdateDevice
+from orchestrator.luo._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
     from typing import Any
 
-    from .luo import Kernel, OwnedFd, Session
+    from orchestrator.luo import Kernel, OwnedFd, Session
 
 SESSION_PREFIX = "lu-"
 
 
 def detect_abi(kernel: Kernel) -> str:
     """``"merged"`` or ``"rfc"``, from how the device answers GET_STATE."""
-    from .luo import _abi
+    from orchestrator.luo import _abi
 
     fd = kernel.open_device()
     try:
@@ -92,7 +91,7 @@ class RfcPreserver:
     abi = "rfc"
 
     def __init__(self, kernel: Kernel) -> None:
-        from .luo._rfc import RfcDevice
+        from orchestrator.luo._rfc import RfcDevice
 
         self.kernel = kernel
         self.dev = RfcDevice.open(kernel)
@@ -108,7 +107,7 @@ class RfcPreserver:
         self.dev.prepare()
 
     def cancel(self) -> None:
-        from .luo._rfcstate import RfcState
+        from orchestrator.luo._rfcstate import RfcState
 
         if self.dev.state() in (RfcState.PREPARED, RfcState.FROZEN):
             self.dev.cancel()
@@ -129,7 +128,7 @@ def open_preserver(kernel: Kernel) -> Preserver:
 class Retriever(Protocol):
     """After the kexec: fds back by their manifest entries, then FINISH.
 
-    :class:`orchestrator._keeper.Keeper` is the one implementation: it holds
+    :class:`orchestrator.restore._keeper.Keeper` is the one implementation: it holds
     what it retrieved, so that nothing dies with the process that asked.
     """
 

@@ -30,7 +30,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import push_to_gateway
 from prometheus_client.registry import CollectorRegistry
 
-from ._errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
+
 from ._metrics import register_metrics
 
 if TYPE_CHECKING:

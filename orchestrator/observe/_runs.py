@@ -27,7 +27,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._phases import Phase, State
+from orchestrator.engine._phases import Phase, State
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

@@ -24,15 +24,27 @@ import anyio
 import anyio.to_thread
 import pluggy
 
+from orchestrator.errors import (
+    PhaseError,
+    PhaseTimeoutError,
+    PluginError,
+    UnfinishedUpdateError,
+)
+from orchestrator.luo import KexecError
+from orchestrator.restore._journal import (
+    Journal,
+    JournalError,
+    last_run,
+    resume_command,
+    unfinished,
+)
+from orchestrator.restore._resume import Plan, read_plan, remove_plan, write_plan
+
 from ._context import RunContext, StepContext
-from ._errors import PhaseError, PhaseTimeoutError, PluginError, UnfinishedUpdateError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
-from ._journal import Journal, JournalError, last_run, resume_command, unfinished
 from ._options import Option, check_options
 from ._phases import Phase, State
 from ._preserve import open_preserver
-from ._resume import Plan, read_plan, remove_plan, write_plan
-from .luo import KexecError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
@@ -40,9 +52,10 @@ if TYPE_CHECKING:
 
     from tenacity import RetryCallState
 
+    from orchestrator.luo import Kernel
+
     from ._playbook import Playbook, Step
     from ._preserve import Retriever
-    from .luo import Kernel
 
 logger = logging.getLogger(__name__)
 
@@ -503,7 +516,7 @@ class Engine:
         be run again and goes on from where it was.
 
         :param prefetched: the restore plan and the keeper that
-            ``orchestrator._resume`` had retrieve the sessions before anything
+            ``orchestrator.restore._resume`` had retrieve the sessions before anything
             heavy was imported.
         :raises JournalError: the journal cannot be read, is damaged, or does
             not match the restore plan (nothing was touched).
@@ -592,7 +605,7 @@ class Engine:
         abi = next((r["abi"] for r in records if r["event"] == "abi"), "merged")
         names = _session_names(run)
         if prefetched is None:
-            from ._keeper import Keeper
+            from orchestrator.restore._keeper import Keeper
 
             keeper: Retriever = await anyio.to_thread.run_sync(
                 Keeper.ensure, self.kernel, self.state_dir, run.run_id, abi, names
@@ -685,7 +698,7 @@ class _DeadSessions:
     def cancel(self) -> None:
         if not self.tokens:
             return
-        from .luo import RfcDevice, RfcState, TokenNotFoundError
+        from orchestrator.luo import RfcDevice, RfcState, TokenNotFoundError
 
         with RfcDevice.open(self.kernel) as dev:
             if dev.state() in (RfcState.PREPARED, RfcState.FROZEN):

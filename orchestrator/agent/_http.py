@@ -10,7 +10,7 @@
 The socket (``control.sock`` beside the hand-over socket) admits the same
 peers as the hand-over socket, checked with SO_PEERCRED when they connect,
 before a byte is read. One request per connection, its head and body bounded
-and its arrival timed (:class:`~orchestrator._agent_guard.Limits`); the
+and its arrival timed (:class:`~orchestrator.agent._guard.Limits`); the
 journal is read in a worker thread, and a request that fails gets a 500
 without touching any other. There is no TCP listener: remote automation
 reaches the host over SSH. Requests are parsed with h11 (httpx's own HTTP/1.1
@@ -30,8 +30,7 @@ import anyio.abc
 import anyio.to_thread
 import h11
 
-from ._agent import AgentRefusal
-from ._agent_guard import (
+from ._guard import (
     BadRequestError,
     decode_object,
     grant_access,
@@ -40,12 +39,13 @@ from ._agent_guard import (
     send_all,
     serve_listener,
 )
+from ._server import AgentRefusal
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ._agent import Agent
-    from ._agent_guard import Peer
+    from ._guard import Peer
+    from ._server import Agent
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,15 @@ class _Answer(Exception):
 
 
 def _status(agent: Agent) -> dict[str, Any]:
-    from ._status import summarize
+    from orchestrator.observe._status import summarize
 
     return summarize(agent.state_dir).to_json()
 
 
 def _report(agent: Agent) -> str | None:
-    from ._journal import read_journal
-    from ._report import render_table
-    from ._runs import read_runs
+    from orchestrator.observe._report import render_table
+    from orchestrator.observe._runs import read_runs
+    from orchestrator.restore._journal import read_journal
 
     runs = read_runs(read_journal(agent.state_dir))
     return render_table(runs[-1]) if runs else None
