@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.demo import launch, wait_published
 from orchestrator.luo.sim import SimKernel
-from plugins.workloads import launch, wait_published
 
 ROOT = Path(__file__).resolve().parents[1]
 

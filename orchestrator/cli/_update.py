@@ -539,8 +539,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo(source: Path, playbook_path: Path, state: Path, kernel: SimKernel) -> int:
     import subprocess
 
+    from orchestrator.demo import launch, wait_published
     from orchestrator.engine._playbook import load_playbook
-    from plugins.workloads import launch, wait_published
 
     playbook = load_playbook(playbook_path)
     registry = state / "workloads"

@@ -44,6 +44,7 @@ from ._context import RunContext, StepContext
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
 from ._options import Option, check_options
 from ._phases import Phase, State
+from ._plugins import ENTRY_POINT_GROUP, builtin_entry_points, load_plugin
 from ._preserve import open_preserver
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "liveupdate.plugins"
 ROLLBACK_BUDGET = 60.0
 """Seconds the whole rollback may take (each rollback hook: its step timeout)."""
 
@@ -86,12 +86,12 @@ def plugin_manager(
     """A plugin manager with the built-in plugins (all, or those named in
     *builtins*), *extra* ones (each with a ``name``) and the installed
     third-party ones."""
-    from plugins import BUILTINS
-
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PhaseSpecs)
     try:
-        for plugin in [*BUILTINS(builtins), *extra]:
+        for ep in builtin_entry_points(builtins):
+            pm.register(load_plugin(ep), name=ep.name)
+        for plugin in extra:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
             _load_entry_points(pm)
@@ -114,30 +114,18 @@ def plugin_manager(
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP`.
+    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP` (every
+    installed distribution's; the built-in ones are registered already).
 
-    An entry point names a module, an object, or a class (``module:Class``,
-    the shape ``_hookspecs`` shows). A class is instantiated here: pluggy's
-    ``load_setuptools_entrypoints`` would register the class itself, and every
-    hook would then be called without ``self``.
-
-    :raises PluginError: an entry point cannot be imported, or its class
-        cannot be instantiated without arguments.
+    :raises PluginError: an entry point cannot be loaded (see
+        :func:`~orchestrator.engine._plugins.load_plugin`).
     """
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
-        try:
-            plugin = ep.load()
-            if isinstance(plugin, type):
-                plugin = plugin()
-        except Exception as exc:
-            raise PluginError(
-                ep.name, f"cannot load {ep.value!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-        pm.register(plugin, name=ep.name)
+        pm.register(load_plugin(ep), name=ep.name)
 
 
 def hook_for(

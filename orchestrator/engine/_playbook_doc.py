@@ -214,12 +214,12 @@ def _option_rows(options: Sequence[Option]) -> list[tuple[str, str, str, str, st
 
 
 def _plugins() -> str:
-    from plugins import BUILTIN_PLUGINS
+    from ._plugins import builtin_entry_points
 
     parts = [_PLUGINS_INTRO]
-    for name, (module_name, class_name) in BUILTIN_PLUGINS.items():
-        module = importlib.import_module(module_name)
-        plugin = getattr(module, class_name)
+    for ep in builtin_entry_points():
+        name, plugin = ep.name, ep.load()
+        module = importlib.import_module(plugin.__module__)
         summary = (inspect.getdoc(module) or "").split("\n\n", 1)[0]
         hooks = sorted(
             p.value

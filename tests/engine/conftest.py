@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from orchestrator.demo import launch, wait_published
 from orchestrator.demo.kv import ask
 from orchestrator.luo.sim import SimKernel
 from orchestrator.restore._journal import read_journal
-from plugins.workloads import launch, wait_published
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

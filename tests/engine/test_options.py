@@ -21,7 +21,7 @@ from orchestrator import (
 from orchestrator.cli import main
 from orchestrator.engine._engine import check_playbook
 from orchestrator.engine._playbook import parse_playbook
-from plugins import BUILTIN_PLUGINS
+from orchestrator.engine._plugins import builtin_entry_points
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,10 +113,14 @@ _READS = re.compile(
 )
 
 
+BUILTIN_PLUGINS = {ep.name: ep.value for ep in builtin_entry_points()}
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
 def test_builtin_plugin_declares_every_option_it_reads(name: str) -> None:
-    module = importlib.import_module(BUILTIN_PLUGINS[name][0])
-    plugin = getattr(module, BUILTIN_PLUGINS[name][1])
+    module_name, _, class_name = BUILTIN_PLUGINS[name].partition(":")
+    module = importlib.import_module(module_name)
+    plugin = getattr(module, class_name)
     declared = {option.key for option in plugin.options}
     read = {a or b for a, b in _READS.findall(inspect.getsource(module))}
     if name == "workloads":

@@ -209,7 +209,7 @@ def start_workloads(count: int, mib: int) -> list[dict[str, object]]:
     """
     from pathlib import Path
 
-    from plugins.workloads import launch, wait_published
+    from orchestrator.demo import launch, wait_published
     from tests.vm.guest import mark
 
     registry = Path(REGISTRY)
