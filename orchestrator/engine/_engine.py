@@ -31,6 +31,7 @@ from orchestrator.errors import (
     UnfinishedUpdateError,
 )
 from orchestrator.luo import KexecError
+from orchestrator.luo._kernel import liveupdate_number
 from orchestrator.restore._journal import (
     Journal,
     JournalError,
@@ -620,7 +621,7 @@ class Engine:
             await self._run_phase(run, Phase.RESTORE, [])
             self._log("blackout_end")
             # Reading the kernel log is not blackout work: only now.
-            self._log("kernel", liveupdate_number=_number(self.kernel))
+            self._log("kernel", liveupdate_number=liveupdate_number(self.kernel))
             await self._run_phase(run, Phase.FINISH, [])
         except Exception as exc:  # noqa: BLE001  (after the kexec: journaled, kept for a retry)
             self._state(State.FAILED)
@@ -800,16 +801,6 @@ def _unfinished_error(
     return UnfinishedUpdateError(
         records[0]["run"], state, after, resume_command(records[0], state_dir)
     )
-
-
-def _number(kernel: Kernel) -> int | None:
-    for line in kernel.log_lines():
-        if "liveupdate number:" in line:
-            try:
-                return int(line.rsplit(":", 1)[1])
-            except ValueError:
-                return None
-    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from orchestrator._compat import TYPE_CHECKING, Protocol
+from orchestrator.luo._kernel import detect_abi
 from orchestrator.luo._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
@@ -22,18 +23,13 @@ if TYPE_CHECKING:
 SESSION_PREFIX = "lu-"
 
 
-def detect_abi(kernel: Kernel) -> str:
+def _abi_of(kernel: Kernel) -> str:
     """``"merged"`` or ``"rfc"``, from how the device answers GET_STATE."""
-    from orchestrator.luo import _abi
-
     fd = kernel.open_device()
     try:
-        kernel.ioctl(fd, _abi.RFC_GET_STATE.number, _abi.RFC_STATE.pack())
-    except OSError:
-        return "merged"
+        return detect_abi(kernel, fd)[0]
     finally:
         kernel.close(fd)
-    return "rfc"
 
 
 class Preserver(Protocol):
@@ -120,9 +116,7 @@ class RfcPreserver:
 
 
 def open_preserver(kernel: Kernel) -> Preserver:
-    return (
-        RfcPreserver(kernel) if detect_abi(kernel) == "rfc" else MergedPreserver(kernel)
-    )
+    return RfcPreserver(kernel) if _abi_of(kernel) == "rfc" else MergedPreserver(kernel)
 
 
 class Retriever(Protocol):
