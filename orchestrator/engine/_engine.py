@@ -116,15 +116,20 @@ def plugin_manager(
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     """Register the third-party plugins of :data:`ENTRY_POINT_GROUP` (every
-    installed distribution's; the built-in ones are registered already).
+    installed distribution's but this one's: the built-ins asked for are
+    registered already).
 
     :raises PluginError: an entry point cannot be loaded (see
         :func:`~orchestrator.engine._plugins.load_plugin`).
     """
     from importlib.metadata import entry_points
 
+    # The built-ins are in the group too: those not asked for stay out.
+    builtin = {ep.name for ep in builtin_entry_points()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+        if ep.name in builtin or pm.get_plugin(ep.name) is not None:
+            continue
+        if pm.is_blocked(ep.name):
             continue
         pm.register(load_plugin(ep), name=ep.name)
 

@@ -51,6 +51,15 @@ def playbook_using(tmp_path: Path, plugin: str) -> Path:
     return path
 
 
+def test_only_the_builtins_asked_for_are_loaded() -> None:
+    """Resume names its plugins: scanning for third-party ones must not bring
+    in the other built-ins (they are entry points of the same group)."""
+    pm = plugin_manager(builtins={"kexec"})
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert "kexec" in names
+    assert not names & {"workloads", "qemu", "faults"}
+
+
 def test_builtin_plugins_have_their_hooks() -> None:
     pm = plugin_manager(load_entry_points=False)
     names = {name for name, _ in pm.list_name_plugin()}
