@@ -10,10 +10,8 @@ from orchestrator.agent.client import (
     DEFAULT_TIMEOUT,
     MAX_PACKET,
     AgentClient,
-    AgentError,
-    AgentRefusedError,
-    AgentUnreachableError,
 )
+from orchestrator.errors import AgentError, AgentRefusedError, AgentUnreachableError
 
 __all__ = [
     "DEFAULT_SOCKET",

@@ -30,8 +30,9 @@ import anyio.abc
 import anyio.to_thread
 import h11
 
+from orchestrator.errors import AgentRefusal, BadRequestError
+
 from ._guard import (
-    BadRequestError,
     decode_object,
     grant_access,
     listen_unix,
@@ -39,7 +40,6 @@ from ._guard import (
     send_all,
     serve_listener,
 )
-from ._server import AgentRefusal
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -39,12 +39,15 @@ import anyio.to_thread
 from orchestrator.engine._hookspecs import hookimpl
 from orchestrator.engine._phases import Phase
 from orchestrator.engine._playbook import PhasePlan, Playbook, RetryPolicy, Step, Where
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import (
+    AgentRefusal,
+    AgentSetupError,
+    BadRequestError,
+    OrchestratorError,
+)
 from orchestrator.luo._fds import describe_fd, shmem_can_preserve
 
 from ._guard import (
-    AgentSetupError,
-    BadRequestError,
     InstanceLock,
     Limits,
     Peer,
@@ -89,10 +92,6 @@ class Registration:
         data = asdict(self)
         del data["fd"]
         return data
-
-
-class AgentRefusal(OrchestratorError):
-    """A request the agent refuses; the message goes back to the client."""
 
 
 class AgentPlugin:

@@ -26,7 +26,7 @@ import os
 import socket
 
 from orchestrator._compat import TYPE_CHECKING
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import AgentError, AgentRefusedError, AgentUnreachableError
 from orchestrator.luo._fds import Closing
 
 if TYPE_CHECKING:
@@ -38,30 +38,6 @@ MAX_PACKET = 1 << 16
 
 
 DEFAULT_TIMEOUT = 60.0
-
-
-class AgentError(OrchestratorError):
-    """The agent refused a request, or cannot be reached."""
-
-
-class AgentUnreachableError(AgentError, ConnectionError):
-    """No agent answers at *path* (not running, wrong path, or not allowed by
-    the socket file's permissions), or it went away mid-request."""
-
-    def __init__(self, path: str, problem: str, errno: int | None = None) -> None:
-        self.path = path
-        self.problem = problem
-        self.errno = errno
-        super().__init__(f"cannot reach the agent at {path}: {problem}")
-
-
-class AgentRefusedError(AgentError):
-    """The agent answered *op* with a refusal; *reason* is its own message."""
-
-    def __init__(self, op: str, reason: str) -> None:
-        self.op = op
-        self.reason = reason
-        super().__init__(reason)
 
 
 class AgentClient(Closing):

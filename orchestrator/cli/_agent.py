@@ -35,8 +35,9 @@ def _fail(message: object) -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     import anyio
 
-    from orchestrator.agent._guard import AgentBusyError, AgentSetupError, Limits
+    from orchestrator.agent._guard import Limits
     from orchestrator.agent._server import run_agent
+    from orchestrator.errors import AgentBusyError, AgentSetupError
     from orchestrator.luo import kernel_from_spec
 
     kernel = kernel_from_spec(args.kernel)
@@ -83,11 +84,8 @@ def _leaf(error: BaseException) -> BaseException:
 
 
 def cmd_handover(args: argparse.Namespace) -> int:
-    from orchestrator.agent.client import (
-        AgentClient,
-        AgentRefusedError,
-        AgentUnreachableError,
-    )
+    from orchestrator.agent.client import AgentClient
+    from orchestrator.errors import AgentRefusedError, AgentUnreachableError
 
     if args.action == "register":
         try:

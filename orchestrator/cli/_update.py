@@ -298,7 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _held_hint(state: Path) -> str:
     """Where the retrieved data is while no resume runs, for error messages."""
-    from orchestrator.restore._keeper import Keeper, KeeperError
+    from orchestrator.errors import KeeperError
+    from orchestrator.restore._keeper import Keeper
 
     try:
         keeper = Keeper.connect(state)

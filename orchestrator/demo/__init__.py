@@ -15,15 +15,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.demo.kv import ask, running, stop
+from orchestrator.errors import WorkloadError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = ["WorkloadError", "ask", "launch", "running", "stop", "wait_published"]
-
-
-class WorkloadError(Exception):
-    """A workload is not there or not answering."""
 
 
 def launch(

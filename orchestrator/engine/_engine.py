@@ -25,6 +25,7 @@ import anyio.to_thread
 import pluggy
 
 from orchestrator.errors import (
+    JournalError,
     PhaseError,
     PhaseTimeoutError,
     PluginError,
@@ -32,13 +33,7 @@ from orchestrator.errors import (
 )
 from orchestrator.luo import KexecError
 from orchestrator.luo._kernel import liveupdate_number
-from orchestrator.restore._journal import (
-    Journal,
-    JournalError,
-    last_run,
-    resume_command,
-    unfinished,
-)
+from orchestrator.restore._journal import Journal, last_run, resume_command, unfinished
 from orchestrator.restore._resume import Plan, read_plan, remove_plan, write_plan
 
 from ._context import RunContext, StepContext

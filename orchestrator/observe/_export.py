@@ -30,7 +30,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import push_to_gateway
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import MetricsExportError
 
 from ._metrics import register_metrics
 
@@ -48,15 +48,6 @@ _MAX_REQUEST = 16384
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The text format ``generate_latest`` writes, named as every Prometheus 2.x
 knows it (newer prometheus_client names it ``version=1.0.0``)."""
-
-
-class MetricsExportError(OrchestratorError):
-    """The metrics could not be written, pushed or served."""
-
-    def __init__(self, target: str, problem: str) -> None:
-        self.target = target
-        self.problem = problem
-        super().__init__(f"metrics to {target}: {problem}")
 
 
 @contextlib.contextmanager

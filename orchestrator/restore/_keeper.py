@@ -35,7 +35,7 @@ import struct
 import sys
 
 from orchestrator._compat import TYPE_CHECKING
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import KeeperError
 
 from ._crashpoint import crash_point
 
@@ -47,10 +47,6 @@ if TYPE_CHECKING:
 _PEERCRED = struct.Struct("3i")
 _MAX = 4096
 _CLIENT_TIMEOUT = 30.0
-
-
-class KeeperError(OrchestratorError):
-    """The keeper could not be started or reached, or refused a request."""
 
 
 def address(state_dir: str | os.PathLike[str]) -> bytes:

@@ -17,12 +17,8 @@ import httpx
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator.observe._export import (
-    MetricsExportError,
-    parse_listen,
-    push,
-    serve_metrics,
-)
+from orchestrator.errors import MetricsExportError
+from orchestrator.observe._export import parse_listen, push, serve_metrics
 from orchestrator.observe._metrics import register_metrics
 
 from ._runs import liveupdate

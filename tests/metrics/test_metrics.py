@@ -12,11 +12,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator.observe._export import (
-    MetricsExportError,
-    last_run_registry,
-    write_textfile,
-)
+from orchestrator.errors import MetricsExportError
+from orchestrator.observe._export import last_run_registry, write_textfile
 from orchestrator.observe._metrics import METRIC_NAMES, register_metrics
 from orchestrator.observe._runs import read_runs
 from orchestrator.observe._status import summarize
