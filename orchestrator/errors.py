@@ -30,6 +30,7 @@
      │    └── AgentBusyError                    another agent holds the lock
      ├── AgentRefusal                           (agent side) a request refused
      ├── BadRequestError (ValueError)           (agent side) a request not decodable
+     ├── HttpError                              (server side) a request answered 4xx
      ├── VmError                                a VM cannot be started or found
      ├── WorkloadError                          a demo workload is not there or answering
      └── QmpError                               talking QMP to a QEMU failed
@@ -286,3 +287,16 @@ class QmpConnectionError(QmpError, ConnectionError):
 
 class WorkloadError(OrchestratorError):
     """A demo workload is not there or not answering."""
+
+
+class HttpError(OrchestratorError):
+    """(server side) a request answered with an HTTP error status.
+
+    :ivar status: the status, e.g. 400.
+    :ivar problem: what was wrong with the request.
+    """
+
+    def __init__(self, status: int, problem: str) -> None:
+        self.status = status
+        self.problem = problem
+        super().__init__(f"HTTP {status}: {problem}")

@@ -119,9 +119,12 @@ def room(module: str) -> str:
         return "api"
     if parts[1] in ROOMS:
         return parts[1]
-    return {"errors": "errors", "_compat": "compat", "agent_client": "agent"}.get(
-        parts[1], parts[1]
-    )
+    return {
+        "errors": "errors",
+        "_compat": "compat",
+        "_http": "http",
+        "agent_client": "agent",
+    }.get(parts[1], parts[1])
 
 
 def _where(imp: Import) -> str:
@@ -133,7 +136,7 @@ def all_imports() -> list[Import]:
 
 
 def test_every_module_is_in_a_known_room() -> None:
-    known = {*ROOMS, "api", "errors", "compat", "plugins"}
+    known = {*ROOMS, "api", "errors", "compat", "http", "plugins"}
     assert {room(m) for m in MODULES} <= known
 
 
