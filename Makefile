@@ -40,5 +40,5 @@ bench: venv
 ## clean: stop the demo's workloads (left by 'liveupdate demo --keep'), delete what was built
 clean:
 	@if [ -x $(PY) ] && [ -d $(STATE)/demo/workloads ]; then \
-	  $(PY) -m orchestrator.demo_kv --registry $(STATE)/demo/workloads --stop; fi
+	  $(PY) -m orchestrator.demo.kv --registry $(STATE)/demo/workloads --stop; fi
 	rm -rf $(VENV) $(STATE) .mypy_cache .ruff_cache .pytest_cache

@@ -21,10 +21,10 @@ import anyio
 import pluggy
 
 from orchestrator import Phase, StepContext, hookimpl
-from orchestrator._context import RunContext
-from orchestrator._engine import Done, Engine
-from orchestrator._hookspecs import PROJECT, PhaseSpecs
-from orchestrator._playbook import parse_playbook
+from orchestrator.engine._context import RunContext
+from orchestrator.engine._engine import Done, Engine
+from orchestrator.engine._hookspecs import PROJECT, PhaseSpecs
+from orchestrator.engine._playbook import parse_playbook
 from orchestrator.luo.sim import SimKernel
 
 

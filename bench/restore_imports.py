@@ -31,12 +31,13 @@ FORBIDDEN = {
     "tenacity",
     "yaml",
     "cairosvg",
-    "orchestrator._metrics",
-    "orchestrator._metrics_export",
-    "orchestrator._report",
-    "orchestrator._runs",
-    "orchestrator._cli_metrics",
-    "orchestrator._engine",
+    "orchestrator.observe",
+    "orchestrator.observe._metrics",
+    "orchestrator.observe._export",
+    "orchestrator.observe._report",
+    "orchestrator.observe._runs",
+    "orchestrator.cli._metrics",
+    "orchestrator.engine._engine",
 }
 
 
@@ -98,7 +99,7 @@ def main() -> int:
         return 1
     print(
         "none of the metrics or report stack (prometheus_client, "
-        "orchestrator._metrics*, _report, _runs, _cli_metrics) nor anyio, pluggy, "
+        "orchestrator.observe, orchestrator.cli._metrics) nor anyio, pluggy, "
         "tenacity, yaml, httpx"
     )
     return 0

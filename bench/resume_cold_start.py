@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from orchestrator.demo import launch, wait_published
 from orchestrator.luo.sim import SimKernel
-from plugins.workloads import launch, wait_published
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,7 @@ def main() -> None:
         shutil.rmtree(state, ignore_errors=True)
         shutil.copytree(snapshot, state, symlinks=True)
         probe = (
-            "import sys\nfrom orchestrator import _resume\n"
+            "import sys\nfrom orchestrator.restore import _resume\n"
             f"_resume.prefetch(['--state-dir', {str(state)!r}, '--kernel', "
             f"{'sim:' + str(state / 'kernel')!r}])\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "

@@ -8,27 +8,84 @@ after a kexec pays only for what it touches.
 from __future__ import annotations
 
 from orchestrator._compat import TYPE_CHECKING
-
-from ._errors import InvalidArgumentError, OrchestratorError
+from orchestrator._compat import lazy_exports as _lazy_exports
+from orchestrator.errors import (
+    AgentBusyError,
+    AgentError,
+    AgentRefusal,
+    AgentRefusedError,
+    AgentSetupError,
+    AgentUnreachableError,
+    BadRequestError,
+    HttpError,
+    InvalidArgumentError,
+    JournalCorruptError,
+    JournalError,
+    KeeperError,
+    LockedError,
+    MetricsExportError,
+    OrchestratorError,
+    PhaseError,
+    PhaseTimeoutError,
+    PlaybookError,
+    PluginError,
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+    QmpTimeoutError,
+    TransientError,
+    UnfinishedUpdateError,
+    VmError,
+    WorkloadError,
+)
 
 if TYPE_CHECKING:
-    from ._context import RunContext, StepContext
-    from ._engine import Engine, Outcome, plugin_manager
-    from ._errors import (
-        PhaseError,
-        PhaseTimeoutError,
-        PlaybookError,
-        PluginError,
-        TransientError,
+    from orchestrator.engine._context import RunContext, StepContext
+    from orchestrator.engine._engine import Engine, Outcome, plugin_manager
+    from orchestrator.engine._hookspecs import hookimpl, hookspec
+    from orchestrator.engine._options import Option, check_options, option_value
+    from orchestrator.engine._phases import Phase, State
+    from orchestrator.engine._playbook import Playbook, Step, load_playbook
+    from orchestrator.luo._errors import (
+        AbiError,
+        DeviceBusyError,
+        DeviceUnavailableError,
+        FileAlreadyPreservedError,
+        KernelError,
+        KexecError,
+        SessionAlreadyRetrievedError,
+        SessionExistsError,
+        SessionFullError,
+        SessionNotFoundError,
+        SessionStateError,
+        StateError,
+        TokenExistsError,
+        TokenNotFoundError,
+        UnsupportedFileError,
     )
-    from ._hookspecs import hookimpl, hookspec
-    from ._options import Option, check_options, option_value
-    from ._phases import Phase, State
-    from ._playbook import Playbook, Step, load_playbook
 
 __all__ = [
+    "AbiError",
+    "AgentBusyError",
+    "AgentError",
+    "AgentRefusal",
+    "AgentRefusedError",
+    "AgentSetupError",
+    "AgentUnreachableError",
+    "BadRequestError",
+    "DeviceBusyError",
+    "DeviceUnavailableError",
     "Engine",
+    "FileAlreadyPreservedError",
+    "HttpError",
     "InvalidArgumentError",
+    "JournalCorruptError",
+    "JournalError",
+    "KeeperError",
+    "KernelError",
+    "KexecError",
+    "LockedError",
+    "MetricsExportError",
     "Option",
     "OrchestratorError",
     "Outcome",
@@ -38,11 +95,27 @@ __all__ = [
     "Playbook",
     "PlaybookError",
     "PluginError",
+    "QmpCommandError",
+    "QmpConnectionError",
+    "QmpError",
+    "QmpTimeoutError",
     "RunContext",
+    "SessionAlreadyRetrievedError",
+    "SessionExistsError",
+    "SessionFullError",
+    "SessionNotFoundError",
+    "SessionStateError",
     "State",
+    "StateError",
     "Step",
     "StepContext",
+    "TokenExistsError",
+    "TokenNotFoundError",
     "TransientError",
+    "UnfinishedUpdateError",
+    "UnsupportedFileError",
+    "VmError",
+    "WorkloadError",
     "check_options",
     "hookimpl",
     "hookspec",
@@ -54,39 +127,36 @@ __all__ = [
 # The rest of the public API is imported on first use (PEP 562): `import
 # orchestrator.luo` on the restore path must not pull in anyio, pluggy or yaml.
 _LAZY = {
-    "hookimpl": "._hookspecs",
-    "hookspec": "._hookspecs",
-    "StepContext": "._context",
-    "RunContext": "._context",
-    "Engine": "._engine",
-    "Outcome": "._engine",
-    "plugin_manager": "._engine",
-    "Phase": "._phases",
-    "State": "._phases",
-    "PlaybookError": "._errors",
-    "PluginError": "._errors",
-    "PhaseError": "._errors",
-    "PhaseTimeoutError": "._errors",
-    "TransientError": "._errors",
-    "load_playbook": "._playbook",
-    "Playbook": "._playbook",
-    "Step": "._playbook",
-    "Option": "._options",
-    "check_options": "._options",
-    "option_value": "._options",
+    "hookimpl": ".engine._hookspecs",
+    "hookspec": ".engine._hookspecs",
+    "StepContext": ".engine._context",
+    "RunContext": ".engine._context",
+    "Engine": ".engine._engine",
+    "Outcome": ".engine._engine",
+    "plugin_manager": ".engine._engine",
+    "Phase": ".engine._phases",
+    "State": ".engine._phases",
+    "load_playbook": ".engine._playbook",
+    "Playbook": ".engine._playbook",
+    "Step": ".engine._playbook",
+    "Option": ".engine._options",
+    "check_options": ".engine._options",
+    "option_value": ".engine._options",
+    "AbiError": ".luo._errors",
+    "DeviceBusyError": ".luo._errors",
+    "DeviceUnavailableError": ".luo._errors",
+    "FileAlreadyPreservedError": ".luo._errors",
+    "KernelError": ".luo._errors",
+    "KexecError": ".luo._errors",
+    "SessionAlreadyRetrievedError": ".luo._errors",
+    "SessionExistsError": ".luo._errors",
+    "SessionFullError": ".luo._errors",
+    "SessionNotFoundError": ".luo._errors",
+    "SessionStateError": ".luo._errors",
+    "StateError": ".luo._errors",
+    "TokenExistsError": ".luo._errors",
+    "TokenNotFoundError": ".luo._errors",
+    "UnsupportedFileError": ".luo._errors",
 }
 
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _LAZY)

@@ -26,4 +26,34 @@ else:
         __slots__ = ()
 
 
-__all__ = ["TYPE_CHECKING", "Protocol", "final"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+def lazy_exports(
+    package: str, namespace: dict[str, object], where: dict[str, str]
+) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` that import a name on first use.
+
+    PEP 562: the package's ``__init__`` imports nothing heavy; ``where`` maps
+    each lazily exported name to the module defining it (relative to
+    *package*), and the value is cached in *namespace* once imported.
+    """
+
+    def __getattr__(name: str) -> object:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted([*namespace, *where])
+
+    return __getattr__, __dir__
+
+
+__all__ = ["TYPE_CHECKING", "Protocol", "final", "lazy_exports"]

@@ -1,7 +1,7 @@
 """Workloads that keep their state in a memfd: the demo's plugin.
 
 ``liveupdate demo`` and ``playbooks/demo.yaml`` use it, with the demo
-key-value stores (:mod:`orchestrator.demo_kv`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
+key-value stores (:mod:`orchestrator.demo`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
 SHA-256). quiesce checks they answer; preserve takes each memfd through
 ``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP: the
 blackout starts); after the kexec, restore starts each again on its retrieved
@@ -18,9 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +25,7 @@ import anyio
 import anyio.to_thread
 
 from orchestrator import Option, TransientError, hookimpl, option_value
-from orchestrator.demo_kv import ask
+from orchestrator.demo import WorkloadError, ask, launch, wait_published
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
@@ -60,10 +57,6 @@ OPTIONS = (
 )
 
 
-class WorkloadError(Exception):
-    """A workload is not there or not answering."""
-
-
 class WorkloadNotReadyError(WorkloadError, TransientError):
     """A restarted workload has not published itself yet."""
 
@@ -71,62 +64,6 @@ class WorkloadNotReadyError(WorkloadError, TransientError):
 def _registry(ctx: StepContext) -> Path:
     return Path(
         option_value(ctx.options, OPTIONS, "registry") or ctx.state_dir / "workloads"
-    )
-
-
-def launch(
-    registry: Path, name: str, size_mib: int, kernel_spec: str, memfd: int | None = None
-) -> int:
-    """Start one demo store as a daemon (it outlives whoever started it); its pid."""
-    argv = [
-        sys.executable,
-        "-m",
-        "orchestrator.demo_kv",
-        "--name",
-        name,
-        "--registry",
-        str(registry),
-        "--size-mib",
-        str(size_mib),
-        "--detach",
-    ]
-    if memfd is not None:
-        argv += ["--memfd", str(memfd)]
-    registry.mkdir(parents=True, exist_ok=True)
-    with open(registry / f"{name}.log", "ab") as log:
-        done = subprocess.run(
-            argv,
-            pass_fds=(memfd,) if memfd is not None else (),
-            check=False,
-            env={**os.environ, "LIVEUPDATE_KERNEL": kernel_spec},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            timeout=60,
-        )
-    if done.returncode != 0:
-        raise WorkloadError(
-            f"workload {name!r} failed to start (see {registry / name}.log)"
-        )
-    return int(done.stdout)
-
-
-def wait_published(
-    registry: Path, name: str, pid: int, timeout: float = 120.0
-) -> dict[str, Any]:
-    """The registry entry of store *name* once process *pid* has published it."""
-    deadline = time.monotonic() + timeout
-    path = registry / f"{name}.json"
-    while time.monotonic() < deadline:
-        try:
-            info: dict[str, Any] = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            info = {}
-        if info.get("pid") == pid:
-            return info
-        time.sleep(0.01)
-    raise WorkloadError(
-        f"workload {name!r} (pid {pid}) did not start within {timeout:g} s"
     )
 
 

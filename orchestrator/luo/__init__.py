@@ -8,6 +8,7 @@ the standard library.
 from __future__ import annotations
 
 from orchestrator._compat import TYPE_CHECKING
+from orchestrator._compat import lazy_exports as _lazy_exports
 
 if TYPE_CHECKING:
     from ._errors import (
@@ -82,16 +83,6 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _WHERE.get(name, "._errors" if name in __all__ else None)
-    if module is None:
-        raise AttributeError(f"module 'orchestrator.luo' has no attribute {name!r}")
-    import importlib
+_WHERE.update(dict.fromkeys(set(__all__) - set(_WHERE), "._errors"))
 
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = _lazy_exports(__name__, globals(), _WHERE)

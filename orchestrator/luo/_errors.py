@@ -27,7 +27,7 @@ import errno as E
 import os
 
 from orchestrator._compat import TYPE_CHECKING
-from orchestrator._errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
 
 if TYPE_CHECKING:
     from typing import Final

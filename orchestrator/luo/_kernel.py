@@ -122,6 +122,34 @@ class RealKernel:
         return _kexec.kernel_log(("liveupdate", "luo:", "KHO"))
 
 
+def detect_abi(kernel: Kernel, fd: int) -> tuple[str, int | None]:
+    """Which ABI the open device *fd* speaks: ``("rfc", state)``, with the RFC
+    state number GET_STATE returned, or ``("merged", None)``.
+
+    The RFC's GET_STATE is number 3 with a size, which the merged ABI's
+    dispatcher rejects (EINVAL: number out of range).
+    """
+    from . import _abi
+
+    buf = _abi.RFC_STATE.pack()
+    try:
+        kernel.ioctl(fd, _abi.RFC_GET_STATE.number, buf)
+    except OSError:
+        return "merged", None
+    return "rfc", int(_abi.RFC_STATE.unpack(buf)["state"])
+
+
+def liveupdate_number(kernel: Kernel) -> int | None:
+    """The kernel's count of live updates, from its log ("liveupdate number: N")."""
+    for line in kernel.log_lines():
+        if "liveupdate number:" in line:
+            try:
+                return int(line.rsplit(":", 1)[1])
+            except ValueError:
+                continue
+    return None
+
+
 def kernel_from_spec(spec: str | None = None) -> Kernel:
     """The kernel named by *spec* (or ``$LIVEUPDATE_KERNEL``, default ``real``).
 
@@ -131,7 +159,7 @@ def kernel_from_spec(spec: str | None = None) -> Kernel:
     :raises InvalidArgumentError: *spec* names neither, or DIR holds no
         simulated kernel.
     """
-    from orchestrator._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     spec = spec or os.environ.get(KERNEL_ENV) or "real"
     if spec == "real":

@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 from orchestrator._compat import TYPE_CHECKING
 
-from . import _abi
 from ._errors import DeviceBusyError, KernelError, kernel_error
 from ._fds import OwnedFd
-from ._kernel import Kernel, kernel_from_spec
+from ._kernel import Kernel, detect_abi, kernel_from_spec, liveupdate_number
 from ._rfc import RfcDevice
 from ._rfcstate import RfcState
 from ._session import LiveUpdateDevice
@@ -152,14 +151,6 @@ def _try_kinds(preserve: Callable[[int, int], None]) -> tuple[KindResult, ...]:
     return tuple(results)
 
 
-def _liveupdate_number(kernel: Kernel) -> int | None:
-    for line in kernel.log_lines():
-        if "liveupdate number:" in line:
-            with contextlib.suppress(ValueError):
-                return int(line.rsplit(":", 1)[1])
-    return None
-
-
 def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> ProbeReport:
     """Probe *kernel* (default: ``$LIVEUPDATE_KERNEL`` or this host's)."""
     k = (
@@ -183,7 +174,7 @@ def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> Prob
         "kernel": k.spec,
         "liveupdate_on_cmdline": lu_on,
         "kho": kho,
-        "liveupdate_number": _liveupdate_number(k),
+        "liveupdate_number": liveupdate_number(k),
         "kexec_loaded": k.kexec_loaded(),
     }
     try:
@@ -217,18 +208,8 @@ def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> Prob
             **common,  # type: ignore[arg-type]
             reason=reason,
         )
-    # Which ABI: the RFC's GET_STATE is number 3 with a size, which the merged
-    # ABI's dispatcher rejects (EINVAL: number out of range).
-    buf = _abi.RFC_STATE.pack()
-    try:
-        k.ioctl(fd, _abi.RFC_GET_STATE.number, buf)
-    except OSError:
-        abi, rfc_state = "merged", None
-    else:
-        abi, rfc_state = (
-            "rfc",
-            RfcState(int(_abi.RFC_STATE.unpack(buf)["state"])).name,
-        )
+    abi, raw_state = detect_abi(k, fd)
+    rfc_state = None if raw_state is None else RfcState(raw_state).name
     kinds: tuple[KindResult, ...] = ()
     if abi == "merged":
         dev = LiveUpdateDevice(k, fd)

@@ -23,7 +23,7 @@ import errno as E
 import os
 
 from orchestrator._compat import Protocol, final
-from orchestrator._errors import InvalidArgumentError
+from orchestrator.errors import InvalidArgumentError
 
 from . import _abi
 from ._errors import kernel_error

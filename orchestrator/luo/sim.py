@@ -161,7 +161,7 @@ class SimKernel:
         :raises InvalidArgumentError: there is no simulated kernel in *root*.
         """
         if not (root / "current" / "kernel.json").is_file():
-            from orchestrator._errors import InvalidArgumentError
+            from orchestrator.errors import InvalidArgumentError
 
             raise InvalidArgumentError(
                 f"sim:{root}",

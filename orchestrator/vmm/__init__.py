@@ -5,9 +5,16 @@ Everything a VMM plugin needs is exported here; the modules are private.
 
 from __future__ import annotations
 
+from orchestrator.errors import (
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+    QmpTimeoutError,
+    VmError,
+)
+
 from ._qemu import (
     QEMU,
-    VmError,
     VmInfo,
     VmSpec,
     find_ram_fd,
@@ -19,14 +26,7 @@ from ._qemu import (
     registered_vms,
     running,
 )
-from ._qmp import (
-    QmpClient,
-    QmpCommandError,
-    QmpConnectionError,
-    QmpError,
-    QmpTimeoutError,
-    open_qmp,
-)
+from ._qmp import QmpClient, open_qmp
 
 __all__ = [
     "QEMU",

@@ -33,9 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, final
 
-from orchestrator._errors import OrchestratorError
-
-from ._qmp import QmpError
+from orchestrator.errors import QmpError, VmError
 
 if TYPE_CHECKING:
     from ._qmp import QmpClient
@@ -46,18 +44,6 @@ QEMU = "qemu-system-x86_64"
 RAM_ID = "ram"
 _SPAWN = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 _XP_WORD = re.compile(r"0x([0-9a-fA-F]{8})\b")
-
-
-class VmError(OrchestratorError):
-    """A VM cannot be started, found, or is not in the state expected.
-
-    :ivar vm: the VM's name.
-    """
-
-    def __init__(self, vm: str, problem: str) -> None:
-        self.vm = vm
-        self.problem = problem
-        super().__init__(f"VM {vm}: {problem}")
 
 
 @final

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from orchestrator._errors import OrchestratorError
+from orchestrator.errors import (
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+    QmpTimeoutError,
+)
 
 if TYPE_CHECKING:
     import os
@@ -37,42 +42,6 @@ MAX_LINE = 16 << 20
 """Longest reply accepted (``human-monitor-command`` dumps can be large)."""
 DEFAULT_TIMEOUT = 10.0
 """Seconds for connecting, the greeting, and each command unless told otherwise."""
-
-
-class QmpError(OrchestratorError):
-    """Talking to a QEMU over QMP failed.
-
-    :ivar socket: the QMP socket path.
-    :ivar command: the command being run, or ``None`` while connecting.
-    """
-
-    def __init__(self, socket: str, command: str | None, problem: str) -> None:
-        self.socket = socket
-        self.command = command
-        self.problem = problem
-        what = f"QMP {command!r}" if command else "QMP"
-        super().__init__(f"{what} on {socket}: {problem}")
-
-
-class QmpCommandError(QmpError):
-    """QEMU answered a command with an ``error`` reply.
-
-    :ivar error_class: QMP's error class, e.g. ``GenericError``, ``CommandNotFound``.
-    :ivar desc: QEMU's description of the error.
-    """
-
-    def __init__(self, socket: str, command: str, error_class: str, desc: str) -> None:
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(socket, command, f"{error_class}: {desc}")
-
-
-class QmpTimeoutError(QmpError, TimeoutError):
-    """No greeting or no reply within the deadline."""
-
-
-class QmpConnectionError(QmpError, ConnectionError):
-    """The socket cannot be reached, or QEMU closed it (QEMU died or quit)."""
 
 
 @final

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from orchestrator._agent import Agent, run_agent
+from orchestrator.agent._server import Agent, run_agent
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:

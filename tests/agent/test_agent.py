@@ -20,10 +20,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from orchestrator._agent import Agent, run_agent, with_agent_steps
-from orchestrator._phases import Phase
-from orchestrator._playbook import load_playbook
+from orchestrator.agent._server import Agent, run_agent, with_agent_steps
 from orchestrator.agent_client import AgentClient, AgentError, AgentRefusedError
+from orchestrator.engine._phases import Phase
+from orchestrator.engine._playbook import load_playbook
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:
@@ -109,11 +109,14 @@ def run_as_nobody(sock: Path, code: str, tmp: Path) -> subprocess.CompletedProce
     pkg = tmp / "client" / "orchestrator"
     if not pkg.exists():
         (pkg / "luo").mkdir(parents=True)
+        (pkg / "agent").mkdir()
         for name in (
             "__init__.py",
             "_compat.py",
-            "_errors.py",
+            "errors.py",
             "agent_client.py",
+            "agent/__init__.py",
+            "agent/client.py",
             "luo/__init__.py",
             "luo/_fds.py",
         ):

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import subprocess
     from pathlib import Path
 
-    from orchestrator._agent import Agent
+    from orchestrator.agent._server import Agent
 
 
 async def handover(

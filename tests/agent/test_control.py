@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from orchestrator._agent import Agent, control_socket_for
+from orchestrator.agent._server import Agent, control_socket_for
 from orchestrator.luo.sim import SimKernel
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator.demo_kv import ask, running, stop
-from plugins.workloads import launch, wait_published
+from orchestrator.demo import launch, wait_published
+from orchestrator.demo.kv import ask, running, stop
 
 from ._util import ROOT, liveupdate, tree
 

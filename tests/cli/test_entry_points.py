@@ -1,5 +1,5 @@
 """A third-party plugin installed as a real distribution, its entry point in
-the ``module:Class`` shape ``orchestrator._hookspecs`` shows: the class is
+the ``module:Class`` shape ``orchestrator.engine._hookspecs`` shows: the class is
 instantiated, and its hooks run with ``self`` in a real update."""
 
 from __future__ import annotations

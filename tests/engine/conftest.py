@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from orchestrator._journal import read_journal
-from orchestrator.demo_kv import ask
+from orchestrator.demo import launch, wait_published
+from orchestrator.demo.kv import ask
 from orchestrator.luo.sim import SimKernel
-from plugins.workloads import launch, wait_published
+from orchestrator.restore._journal import read_journal
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -64,7 +64,7 @@ class Host:
         self, *args: str, crash_at: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         """Run the ``liveupdate`` command; *crash_at* (``record:N``,
-        ``keeper:N``) SIGKILLs it at that point (``orchestrator._crashpoint``)."""
+        ``keeper:N``) SIGKILLs it at that point (``orchestrator.restore._crashpoint``)."""
         env = {**os.environ}
         if crash_at is not None:
             env["LIVEUPDATE_TEST_CRASH_AT"] = crash_at

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator._keeper import Keeper, address
 from orchestrator.luo import SessionNotFoundError
 from orchestrator.luo.sim import SimKernel
+from orchestrator.restore._keeper import Keeper, address
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

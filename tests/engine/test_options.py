@@ -18,10 +18,10 @@ from orchestrator import (
     option_value,
     plugin_manager,
 )
-from orchestrator._engine import check_playbook
-from orchestrator._playbook import parse_playbook
 from orchestrator.cli import main
-from plugins import BUILTIN_PLUGINS
+from orchestrator.engine._engine import check_playbook
+from orchestrator.engine._playbook import parse_playbook
+from orchestrator.engine._plugins import builtin_entry_points
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,15 +113,19 @@ _READS = re.compile(
 )
 
 
+BUILTIN_PLUGINS = {ep.name: ep.value for ep in builtin_entry_points()}
+
+
 @pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
 def test_builtin_plugin_declares_every_option_it_reads(name: str) -> None:
-    module = importlib.import_module(BUILTIN_PLUGINS[name][0])
-    plugin = getattr(module, BUILTIN_PLUGINS[name][1])
+    module_name, _, class_name = BUILTIN_PLUGINS[name].partition(":")
+    module = importlib.import_module(module_name)
+    plugin = getattr(module, class_name)
     declared = {option.key for option in plugin.options}
     read = {a or b for a, b in _READS.findall(inspect.getsource(module))}
     if name == "workloads":
         # `liveupdate demo` reads these from the first quiesce step.
-        source = (ROOT / "orchestrator/_cli_update.py").read_text()
+        source = (ROOT / "orchestrator/cli/_update.py").read_text()
         read |= {a or b for a, b in _READS.findall(source)} & {"count", "size_mib"}
         assert {"count", "size_mib"} <= read
     assert read, name

@@ -13,9 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator._errors import OrchestratorError, PlaybookError
-from orchestrator._phases import Phase
-from orchestrator._playbook import (
+from orchestrator.engine._phases import Phase
+from orchestrator.engine._playbook import (
     NextKernel,
     Playbook,
     RetryPolicy,
@@ -25,7 +24,8 @@ from orchestrator._playbook import (
     parse_duration,
     parse_playbook,
 )
-from orchestrator._yaml import MAX_BYTES
+from orchestrator.engine._yaml import MAX_BYTES
+from orchestrator.errors import OrchestratorError, PlaybookError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -236,7 +236,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_all_is_exported() -> None:
-    import orchestrator._playbook as module
+    import orchestrator.engine._playbook as module
 
     public = {n for n in vars(module) if not n.startswith("_") and n[0].isupper()}
     public |= {"load_playbook", "parse_playbook", "parse_duration", "format_duration"}

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import _playbook_schema as schema
-from orchestrator._playbook import RetryPolicy, load_playbook, parse_duration
-from orchestrator._playbook_doc import EXAMPLE, render
 from orchestrator.cli import main
+from orchestrator.engine import _playbook_schema as schema
+from orchestrator.engine._playbook import RetryPolicy, load_playbook, parse_duration
+from orchestrator.engine._playbook_doc import EXAMPLE, render
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "playbook.md"
-REGENERATE = "python -m orchestrator._playbook_doc > docs/playbook.md"
+REGENERATE = "python -m orchestrator.engine._playbook_doc > docs/playbook.md"
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -44,10 +44,10 @@ def test_reference_matches_the_declarations() -> None:
 
 
 def test_reference_names_every_builtin_option() -> None:
-    from plugins import BUILTINS
+    from orchestrator.engine._plugins import builtin_entry_points, load_plugin
 
     text = REFERENCE.read_text()
-    for plugin in BUILTINS():
+    for plugin in map(load_plugin, builtin_entry_points()):
         assert f"### `{plugin.name}`" in text  # type: ignore[attr-defined]
         for option in plugin.options:  # type: ignore[attr-defined]
             assert f"| `{option.key}` | {option.type_name} |" in text

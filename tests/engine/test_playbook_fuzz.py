@@ -6,7 +6,7 @@ control characters and escapes, deep nesting, random byte flips, truncations
 and line splices. Each must give either a valid playbook (which
 ``check_playbook`` then checks without raising) or a :class:`PlaybookError`
 whose message starts with ``file:line``, within a generous time bound: the
-loader's work is bounded (:mod:`orchestrator._yaml`), so a case that takes
+loader's work is bounded (:mod:`orchestrator.engine._yaml`), so a case that takes
 seconds is a bomb that got through.
 """
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from orchestrator import PlaybookError, plugin_manager
-from orchestrator._engine import check_playbook
-from orchestrator._playbook import load_playbook
+from orchestrator.engine._engine import check_playbook
+from orchestrator.engine._playbook import load_playbook
 
 if TYPE_CHECKING:
     from collections.abc import Callable

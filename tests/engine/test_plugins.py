@@ -13,8 +13,8 @@ from pathlib import Path
 import pluggy
 
 from orchestrator import Phase, plugin_manager
-from orchestrator._engine import check_playbook, hook_for
-from orchestrator._playbook import parse_playbook
+from orchestrator.engine._engine import check_playbook, hook_for
+from orchestrator.engine._playbook import parse_playbook
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,15 @@ def playbook_using(tmp_path: Path, plugin: str) -> Path:
     doc = {"name": "x", "phases": {"quiesce": {"steps": [{"plugin": plugin}]}}}
     path.write_text(json.dumps(doc))
     return path
+
+
+def test_only_the_builtins_asked_for_are_loaded() -> None:
+    """Resume names its plugins: scanning for third-party ones must not bring
+    in the other built-ins (they are entry points of the same group)."""
+    pm = plugin_manager(builtins={"kexec"})
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert "kexec" in names
+    assert not names & {"workloads", "qemu", "faults"}
 
 
 def test_builtin_plugins_have_their_hooks() -> None:

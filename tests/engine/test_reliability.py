@@ -4,7 +4,7 @@ the docs give an operator, ending with every byte and a clear state.
 Each cell runs real processes on the simulated kernel: demo workloads with
 their data in memfds, ``liveupdate run`` ended by the simulated kexec,
 ``liveupdate resume`` in the "new kernel". Crashes are placed exactly with
-``LIVEUPDATE_TEST_CRASH_AT`` (``orchestrator._crashpoint``): after the N-th
+``LIVEUPDATE_TEST_CRASH_AT`` (``orchestrator.restore._crashpoint``): after the N-th
 journal record, or before the N-th request to the keeper -- between two
 kernel calls of the restore. The assertions are on what an operator cares
 about: each workload's SHA-256, whether it runs, and the journal's state.
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator._journal import read_journal
-from orchestrator._keeper import Keeper
+from orchestrator.restore._journal import read_journal
+from orchestrator.restore._keeper import Keeper
 from tests.engine.conftest import ROOT, events
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ def test_second_run_after_a_run_killed_while_frozen(host: Host) -> None:
 def interrupted_metric(host: Host) -> float | None:
     from prometheus_client import CollectorRegistry
 
-    from orchestrator._metrics import register_metrics
+    from orchestrator.observe._metrics import register_metrics
 
     registry = CollectorRegistry()
     register_metrics(registry, host.state, history=True)

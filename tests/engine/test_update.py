@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator._journal import Journal, read_journal
+from orchestrator.restore._journal import Journal, read_journal
 from tests.engine.conftest import ROOT, Host, events
 
 
@@ -193,7 +193,7 @@ def test_resume_retrieves_sessions_before_heavy_imports(host: Host) -> None:
     assert host.liveupdate("run", str(book)).returncode == -signal.SIGKILL
     probe = (
         "import sys\n"
-        "from orchestrator import _resume\n"
+        "from orchestrator.restore import _resume\n"
         f"r = _resume.prefetch(['--state-dir', {str(host.state)!r}])\n"
         "heavy = {'anyio', 'pluggy', 'tenacity', 'yaml', 'prometheus_client', 'httpx'}\n"
         "print(r[1].missing, sorted(heavy & set(sys.modules)))\n"

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from orchestrator.demo import launch, wait_published
 from orchestrator.luo.sim import SimKernel
-from plugins.workloads import launch, wait_published
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 300

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from orchestrator._journal import read_journal
-from orchestrator._status import Status, summarize
+from orchestrator.observe._status import Status, summarize
+from orchestrator.restore._journal import read_journal
 
 from ._runs import cancelled_run, liveupdate, stop_workloads
 from ._servers import Server, free_port, need, query, running, wait_for

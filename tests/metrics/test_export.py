@@ -17,13 +17,9 @@ import httpx
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator._metrics import register_metrics
-from orchestrator._metrics_export import (
-    MetricsExportError,
-    parse_listen,
-    push,
-    serve_metrics,
-)
+from orchestrator.errors import MetricsExportError
+from orchestrator.observe._export import parse_listen, push, serve_metrics
+from orchestrator.observe._metrics import register_metrics
 
 from ._runs import liveupdate
 from ._servers import query

@@ -12,15 +12,12 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from orchestrator._journal import read_journal
-from orchestrator._metrics import METRIC_NAMES, register_metrics
-from orchestrator._metrics_export import (
-    MetricsExportError,
-    last_run_registry,
-    write_textfile,
-)
-from orchestrator._runs import read_runs
-from orchestrator._status import summarize
+from orchestrator.errors import MetricsExportError
+from orchestrator.observe._export import last_run_registry, write_textfile
+from orchestrator.observe._metrics import METRIC_NAMES, register_metrics
+from orchestrator.observe._runs import read_runs
+from orchestrator.observe._status import summarize
+from orchestrator.restore._journal import read_journal
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from orchestrator._journal import read_journal
-from orchestrator._report import fmt_seconds, render_svg
-from orchestrator._runs import read_runs
+from orchestrator.observe._report import fmt_seconds, render_svg
+from orchestrator.observe._runs import read_runs
+from orchestrator.restore._journal import read_journal
 
 from ._runs import liveupdate
 

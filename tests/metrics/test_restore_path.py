@@ -21,5 +21,5 @@ def test_bench_restore_imports() -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "orchestrator._resume" in done.stdout
+    assert "orchestrator.restore._resume" in done.stdout
     assert "prometheus_client" not in done.stdout.split("none of the")[0]

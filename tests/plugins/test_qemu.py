@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from orchestrator._journal import read_journal
-from orchestrator._metrics import register_metrics
+from orchestrator.observe._metrics import register_metrics
+from orchestrator.restore._journal import read_journal
 from orchestrator.vmm import running
 
 from .conftest import assert_pattern

@@ -58,10 +58,10 @@ _IOCTLS = {
 # first import of these = a phase of the CLI's start (marked once each)
 _WATCH_IMPORTS = frozenset(
     {
-        "orchestrator._cli_update",
-        "orchestrator._cli_metrics",
-        "orchestrator._playbook",
-        "orchestrator._engine",
+        "orchestrator.cli._update",
+        "orchestrator.cli._metrics",
+        "orchestrator.engine._playbook",
+        "orchestrator.engine._engine",
         "plugins",
         "anyio",
         "importlib.metadata",
@@ -216,7 +216,7 @@ def start_workloads(count: int, mib: int) -> list[dict[str, object]]:
     """
     from pathlib import Path
 
-    from plugins.workloads import launch, wait_published
+    from orchestrator.demo import launch, wait_published
     from tests.vm.guest import mark
 
     registry = Path(REGISTRY)
@@ -258,7 +258,7 @@ def status_json() -> dict[str, object]:
 
 
 def sums(infos: list[dict[str, object]]) -> dict[str, str]:
-    from orchestrator.demo_kv import ask
+    from orchestrator.demo.kv import ask
 
     return {str(i["name"]): ask(str(i["socket"]), "SUM", timeout=300) for i in infos}
 
@@ -272,7 +272,7 @@ def _write(name: str, data: object) -> None:
 
 
 def _journal() -> list[dict[str, object]]:
-    from orchestrator._journal import read_journal
+    from orchestrator.restore._journal import read_journal
 
     return read_journal(STATE)
 

@@ -198,7 +198,7 @@ def stage_post() -> int:
     import time
     from pathlib import Path
 
-    from orchestrator._journal import read_journal
+    from orchestrator.restore._journal import read_journal
     from orchestrator.vmm import VmInfo, running
     from tests.vm.engine_guest import kmark, status_json, traced_cli
     from tests.vm.guest import mark

@@ -12,29 +12,24 @@ from __future__ import annotations
 import os
 
 from orchestrator._compat import TYPE_CHECKING, Protocol
-
-from .luo._session import LiveUpdateDevice
+from orchestrator.luo._kernel import detect_abi
+from orchestrator.luo._session import LiveUpdateDevice
 
 if TYPE_CHECKING:
     from typing import Any
 
-    from .luo import Kernel, OwnedFd, Session
+    from orchestrator.luo import Kernel, OwnedFd, Session
 
 SESSION_PREFIX = "lu-"
 
 
-def detect_abi(kernel: Kernel) -> str:
+def _abi_of(kernel: Kernel) -> str:
     """``"merged"`` or ``"rfc"``, from how the device answers GET_STATE."""
-    from .luo import _abi
-
     fd = kernel.open_device()
     try:
-        kernel.ioctl(fd, _abi.RFC_GET_STATE.number, _abi.RFC_STATE.pack())
-    except OSError:
-        return "merged"
+        return detect_abi(kernel, fd)[0]
     finally:
         kernel.close(fd)
-    return "rfc"
 
 
 class Preserver(Protocol):
@@ -92,7 +87,7 @@ class RfcPreserver:
     abi = "rfc"
 
     def __init__(self, kernel: Kernel) -> None:
-        from .luo._rfc import RfcDevice
+        from orchestrator.luo._rfc import RfcDevice
 
         self.kernel = kernel
         self.dev = RfcDevice.open(kernel)
@@ -108,7 +103,7 @@ class RfcPreserver:
         self.dev.prepare()
 
     def cancel(self) -> None:
-        from .luo._rfcstate import RfcState
+        from orchestrator.luo._rfcstate import RfcState
 
         if self.dev.state() in (RfcState.PREPARED, RfcState.FROZEN):
             self.dev.cancel()
@@ -121,15 +116,13 @@ class RfcPreserver:
 
 
 def open_preserver(kernel: Kernel) -> Preserver:
-    return (
-        RfcPreserver(kernel) if detect_abi(kernel) == "rfc" else MergedPreserver(kernel)
-    )
+    return RfcPreserver(kernel) if _abi_of(kernel) == "rfc" else MergedPreserver(kernel)
 
 
 class Retriever(Protocol):
     """After the kexec: fds back by their manifest entries, then FINISH.
 
-    :class:`orchestrator._keeper.Keeper` is the one implementation: it holds
+    :class:`orchestrator.restore._keeper.Keeper` is the one implementation: it holds
     what it retrieved, so that nothing dies with the process that asked.
     """
 

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
 
     from pluggy import PluginManager
 
-    from ._keeper import Keeper
-    from ._playbook import Playbook
-    from ._resume import Plan
-    from .luo import Kernel
-    from .luo.sim import SimKernel
+    from orchestrator.engine._playbook import Playbook
+    from orchestrator.luo import Kernel
+    from orchestrator.luo.sim import SimKernel
+    from orchestrator.restore._keeper import Keeper
+    from orchestrator.restore._resume import Plan
 
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
@@ -91,7 +91,7 @@ def _load(
     Making the kernel may create its state (a simulated kernel's directory):
     a command that must change nothing uses :func:`_inputs` instead.
     """
-    from .luo import kernel_from_spec
+    from orchestrator.luo import kernel_from_spec
 
     playbook, spec, state, pm = _inputs(args, in_blackout=in_blackout)
     return playbook, kernel_from_spec(spec), state, pm
@@ -108,9 +108,9 @@ def _inputs(
         entry points is slow); otherwise all are loaded, so that a misspelt
         hook fails at start-up.
     """
-    from ._engine import plugin_manager
-    from ._playbook import load_playbook
-    from .luo import KERNEL_ENV
+    from orchestrator.engine._engine import plugin_manager
+    from orchestrator.engine._playbook import load_playbook
+    from orchestrator.luo import KERNEL_ENV
 
     if in_blackout:
         playbook = load_playbook(args.playbook)
@@ -137,7 +137,7 @@ def _inputs(
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ._engine import check_playbook
+    from orchestrator.engine._engine import check_playbook
 
     # Only reads: making the kernel would create a simulated kernel's directory.
     playbook, spec, state, pm = _inputs(args)
@@ -179,9 +179,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _finish_message(outcome: Any, state: Path) -> int:
     """Print the outcome, then export metrics if configured -- after the engine
     has finished, never inside the blackout window."""
-    from ._cli_metrics import export_after_update
-    from ._engine import Outcome
-    from ._status import summarize
+    from orchestrator.engine._engine import Outcome
+    from orchestrator.observe._status import summarize
+
+    from ._metrics import export_after_update
 
     export_after_update(state)
 
@@ -252,7 +253,7 @@ def preflight(kernel: Kernel) -> int:
     """Whether an update can start on *kernel*, asked before anything is
     journaled: 0 if so; otherwise probe's reason goes to stderr and its exit
     code (3 not possible here, 4 device busy) is returned."""
-    from .luo._probe import probe
+    from orchestrator.luo._probe import probe
 
     report = probe(kernel, try_kinds=False)
     if report.possible:
@@ -264,8 +265,8 @@ def preflight(kernel: Kernel) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._engine import Engine, check_playbook
-    from ._errors import UnfinishedUpdateError
+    from orchestrator.engine._engine import Engine, check_playbook
+    from orchestrator.errors import UnfinishedUpdateError
 
     control = _agent_socket(args)
     if control is not None:
@@ -297,7 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _held_hint(state: Path) -> str:
     """Where the retrieved data is while no resume runs, for error messages."""
-    from ._keeper import Keeper, KeeperError
+    from orchestrator.errors import KeeperError
+    from orchestrator.restore._keeper import Keeper
 
     try:
         keeper = Keeper.connect(state)
@@ -315,8 +317,8 @@ def _held_hint(state: Path) -> str:
 def cmd_resume(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._engine import Engine, Outcome
-    from ._errors import OrchestratorError
+    from orchestrator.engine._engine import Engine, Outcome
+    from orchestrator.errors import OrchestratorError
 
     state = Path(args.state_dir) if args.state_dir else None
     try:
@@ -343,7 +345,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ._status import summarize
+    from orchestrator.observe._status import summarize
 
     status = summarize(Path(args.state_dir))
     if args.json:
@@ -354,7 +356,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from ._journal import lock_holder
+    from orchestrator.restore._journal import lock_holder
 
     if args.state_dir is not None:
         refusal = _cannot_cancel(Path(args.state_dir))
@@ -397,8 +399,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def _cannot_cancel(state: Path) -> str | None:
     """Why the update in *state* cannot be cancelled (None: it can)."""
-    from ._journal import read_journal, unfinished
-    from .luo import kernel_from_spec
+    from orchestrator.luo import kernel_from_spec
+    from orchestrator.restore._journal import read_journal, unfinished
 
     run = unfinished(read_journal(state))
     kexec = next((r for r in run if r["event"] == "kexec"), None)
@@ -429,9 +431,8 @@ def _demo_dir(state: Path) -> None:
 
     :raises InvalidArgumentError: *state* holds something that is not a demo's.
     """
-    from orchestrator.demo_kv import stop
-
-    from ._errors import InvalidArgumentError
+    from orchestrator.demo.kv import stop
+    from orchestrator.errors import InvalidArgumentError
 
     if state.exists() and not (state / DEMO_MARK).is_file():
         if not state.is_dir() or any(state.iterdir()):
@@ -440,11 +441,11 @@ def _demo_dir(state: Path) -> None:
                 "not a demo directory (no .liveupdate-demo in it) and not empty: "
                 "the demo wipes its directory; give a new one with --state-dir",
             )
-    from ._journal import read_journal, resume_command, unfinished
+    from orchestrator.restore._journal import read_journal, resume_command, unfinished
 
     left = unfinished(read_journal(state)) if state.is_dir() else []
     if left:
-        from ._errors import UnfinishedUpdateError
+        from orchestrator.errors import UnfinishedUpdateError
 
         raise UnfinishedUpdateError(
             left[0]["run"],
@@ -472,8 +473,8 @@ def _demo_playbook(source: Path, state: Path, kernel_spec: str) -> Path:
     """
     import yaml
 
-    from ._errors import InvalidArgumentError
-    from ._playbook import load_playbook
+    from orchestrator.engine._playbook import load_playbook
+    from orchestrator.errors import InvalidArgumentError
 
     playbook = load_playbook(source)  # a malformed playbook: file:line
     for step in playbook.steps():
@@ -515,11 +516,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ignored, so a host's playbook cannot make the demo touch its files. The
     workloads are stopped at the end unless ``--keep``.
     """
-    from orchestrator.demo_kv import stop
+    from orchestrator.demo.kv import stop
 
     state = Path(args.state_dir or DEMO_DIR).absolute()
     _demo_dir(state)
-    from .luo.sim import SimKernel
+    from orchestrator.luo.sim import SimKernel
 
     kernel = SimKernel(state / "kernel")
     playbook_path = _demo_playbook(args.playbook, state, kernel.spec)
@@ -539,9 +540,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo(source: Path, playbook_path: Path, state: Path, kernel: SimKernel) -> int:
     import subprocess
 
-    from plugins.workloads import launch, wait_published
-
-    from ._playbook import load_playbook
+    from orchestrator.demo import launch, wait_published
+    from orchestrator.engine._playbook import load_playbook
 
     playbook = load_playbook(playbook_path)
     registry = state / "workloads"
@@ -577,7 +577,7 @@ def _demo(source: Path, playbook_path: Path, state: Path, kernel: SimKernel) -> 
     resume = subprocess.run([*base, "resume", str(playbook_path), *common], check=False)
     if resume.returncode != 0:
         return resume.returncode
-    from orchestrator.demo_kv import ask
+    from orchestrator.demo.kv import ask
 
     print("\n== the workloads in the new kernel")
     for i in range(count):
@@ -590,6 +590,6 @@ def _demo(source: Path, playbook_path: Path, state: Path, kernel: SimKernel) -> 
 
 
 def _phase(name: str) -> Any:
-    from ._phases import Phase
+    from orchestrator.engine._phases import Phase
 
     return Phase(name)

@@ -33,9 +33,9 @@ import os
 import time
 
 from orchestrator._compat import TYPE_CHECKING
+from orchestrator.errors import JournalCorruptError, JournalError, LockedError
 
 from ._crashpoint import crash_point
-from ._errors import OrchestratorError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,40 +48,6 @@ ROTATE_BYTES = 4 << 20
 """A journal past this size is rotated when the next run starts."""
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
-
-
-class JournalError(OrchestratorError):
-    """The journal cannot be read or written, or another orchestrator holds it."""
-
-
-class JournalCorruptError(JournalError):
-    """A line of the journal is not a record: the history cannot be trusted.
-
-    :ivar path: the journal.
-    :ivar line: the 1-based line number.
-    :ivar problem: what is wrong with it.
-    """
-
-    def __init__(self, path: str, line: int, problem: str) -> None:
-        self.path = path
-        self.line = line
-        self.problem = problem
-        super().__init__(
-            f"{path}:{line}: not a journal record ({problem}); the journal "
-            "cannot be trusted past it: repair or remove that line"
-        )
-
-
-class LockedError(JournalError):
-    """Another orchestrator is running on this host."""
-
-    def __init__(self, path: Path, holder: str) -> None:
-        self.path = path
-        self.holder = holder
-        super().__init__(
-            f"another orchestrator is running on this host ({holder}); "
-            f"lock {path}. Use 'liveupdate status' to see it, 'liveupdate cancel' to stop it"
-        )
 
 
 # What every record carries, and what some events must carry besides: a

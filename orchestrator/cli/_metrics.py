@@ -22,11 +22,11 @@ def export_after_update(state: Path) -> None:
     """After ``run`` or ``resume`` has finished: write or push the last run's
     metrics if ``LIVEUPDATE_TEXTFILE`` / ``LIVEUPDATE_PUSHGATEWAY`` ask for it.
     A failure is a warning; the update's exit code stands."""
-    from ._metrics_export import ENV_PUSHGATEWAY, ENV_TEXTFILE
+    from orchestrator.observe._export import ENV_PUSHGATEWAY, ENV_TEXTFILE
 
     if not (os.environ.get(ENV_TEXTFILE) or os.environ.get(ENV_PUSHGATEWAY)):
         return  # the common case imports nothing
-    from ._metrics_export import export_from_env
+    from orchestrator.observe._export import export_from_env
 
     done, failed = export_from_env(state)
     for line in done:
@@ -41,8 +41,8 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
     import anyio
     from prometheus_client.registry import CollectorRegistry
 
-    from ._metrics import register_metrics
-    from ._metrics_export import parse_listen, serve_metrics
+    from orchestrator.observe._export import parse_listen, serve_metrics
+    from orchestrator.observe._metrics import register_metrics
 
     host, port = parse_listen(args.listen)
     # A journal that does not exist yet is served (as no runs) until the
@@ -67,7 +67,7 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
 
 def _existing_dir(state_dir: str) -> Path:
     """:raises InvalidArgumentError: *state_dir* is not a directory."""
-    from ._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     path = Path(state_dir)
     if not path.is_dir():
@@ -81,7 +81,7 @@ def _journal_dir(state_dir: str) -> Path:
 
     :raises InvalidArgumentError: there is no journal in *state_dir*.
     """
-    from ._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     path = _existing_dir(state_dir)
     if not (path / "journal.jsonl").is_file():
@@ -92,7 +92,7 @@ def _journal_dir(state_dir: str) -> Path:
 
 
 def cmd_metrics_textfile(args: argparse.Namespace) -> int:
-    from ._metrics_export import write_textfile
+    from orchestrator.observe._export import write_textfile
 
     write_textfile(_journal_dir(args.state_dir), args.output)
     print(f"metrics written to {args.output}")
@@ -100,7 +100,7 @@ def cmd_metrics_textfile(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics_push(args: argparse.Namespace) -> int:
-    from ._metrics_export import push
+    from orchestrator.observe._export import push
 
     push(_journal_dir(args.state_dir), args.gateway, instance=args.instance)
     print(f"metrics pushed to {args.gateway}")
@@ -115,7 +115,7 @@ def _report_format(output: str) -> str:
 
     :raises InvalidArgumentError: a suffix the report cannot write.
     """
-    from ._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     kind = REPORT_FORMATS.get(Path(output).suffix.lower())
     if kind is None:
@@ -127,7 +127,7 @@ def _report_format(output: str) -> str:
 
 def _png(svg: str) -> bytes:
     """*svg* rendered to PNG by cairosvg (optional: ``pip install cairosvg``)."""
-    from ._errors import InvalidArgumentError
+    from orchestrator.errors import InvalidArgumentError
 
     try:
         import cairosvg  # type: ignore[import-untyped]
@@ -142,9 +142,9 @@ def _png(svg: str) -> bytes:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ._journal import read_journal
-    from ._report import render_html, render_svg, render_table
-    from ._runs import read_runs
+    from orchestrator.observe._report import render_html, render_svg, render_table
+    from orchestrator.observe._runs import read_runs
+    from orchestrator.restore._journal import read_journal
 
     kind = _report_format(args.output) if args.output else None
     runs = read_runs(read_journal(_existing_dir(args.state_dir)))
@@ -170,7 +170,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# Kept here, not imported from _metrics_export: building the CLI's parser must
+# Kept here, not imported from observe._export: building the CLI's parser must
 # not pull in prometheus_client, anyio and http.server.
 DEFAULT_TEXTFILE = "/var/lib/prometheus/node-exporter/liveupdate.prom"
 DEFAULT_LISTEN = "127.0.0.1:9731"

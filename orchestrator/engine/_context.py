@@ -11,10 +11,11 @@ import anyio.to_thread
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ._journal import Journal
+    from orchestrator.luo import Kernel, OwnedFd
+    from orchestrator.restore._journal import Journal
+
     from ._playbook import Playbook, Step
     from ._preserve import Preserver, Retriever
-    from .luo import Kernel, OwnedFd
 
 
 @dataclass(slots=True)

@@ -27,10 +27,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._phases import Phase, State
+from orchestrator.engine._phases import Phase, State
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,205 @@ def split_runs(records: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return runs
 
 
+@dataclass(slots=True)
+class _Reader:
+    """A run being read, and what its later records are matched with."""
+
+    run: Run
+    phase_starts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    step_starts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    undo_starts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records_by_plugin: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kexec_rec: dict[str, Any] | None = None
+    blackout_rec: dict[str, Any] | None = None
+    open_phase: str | None = None
+
+
+def _on_abi(r: _Reader, rec: dict[str, Any]) -> None:
+    r.run.abi = rec.get("abi")
+
+
+def _on_state(r: _Reader, rec: dict[str, Any]) -> None:
+    r.run.states.append((rec["state"], float(rec["wall"])))
+
+
+def _on_phase_start(r: _Reader, rec: dict[str, Any]) -> None:
+    r.phase_starts[rec["phase"]] = rec
+    r.open_phase = rec["phase"]
+    kexec = r.kexec_rec
+    if rec["phase"] == "restore" and kexec is not None:
+        r.run.phases.append(
+            Span(
+                "phase",
+                "kexec",
+                "kexec",
+                None,
+                float(kexec["wall"]),
+                elapsed(kexec, rec),
+                kexec["boot_id"],
+                True,
+            )
+        )
+
+
+def _on_phase_end(r: _Reader, rec: dict[str, Any]) -> None:
+    start = r.phase_starts.get(rec["phase"])
+    if start is None:
+        return
+    ok = bool(rec.get("ok", True))
+    r.run.phases.append(
+        Span(
+            "phase",
+            rec["phase"],
+            rec["phase"],
+            None,
+            float(start["wall"]),
+            elapsed(start, rec),
+            start["boot_id"],
+            ok,
+            error=rec.get("error"),
+        )
+    )
+    r.open_phase = None
+    if not ok and r.run.failed_phase is None:
+        r.run.failed_phase = rec["phase"]
+
+
+def _on_step_start(r: _Reader, rec: dict[str, Any]) -> None:
+    r.step_starts[(rec["phase"], rec["step"])] = rec
+
+
+def _on_step_end(r: _Reader, rec: dict[str, Any]) -> None:
+    start = r.step_starts.get((rec["phase"], rec["step"]), rec)
+    plugin = rec.get("plugin") or start.get("plugin")
+    r.run.steps.append(
+        Span(
+            "step",
+            rec["phase"],
+            rec["step"],
+            plugin,
+            float(start["wall"]),
+            elapsed(start, rec),
+            start["boot_id"],
+            bool(rec.get("ok")),
+            int(rec.get("attempts") or 1),
+            rec.get("error"),
+        )
+    )
+    if not (rec.get("ok") and plugin):
+        return
+    r.records_by_plugin[plugin] = rec.get("records") or {}
+    if rec.get("manifest"):
+        r.manifests[plugin] = rec["manifest"]
+    if rec["phase"] == "restore":
+        # A plugin that brings workloads back may record how long each was
+        # paused (the qemu plugin: per VM, stop to cont).
+        recorded = rec.get("records") or {}
+        if recorded.get("blackout_s") is not None:
+            r.run.plugin_blackouts[plugin] = float(recorded["blackout_s"])
+        r.run.vm_blackouts.extend(
+            float(v) for v in (recorded.get("vm_blackout_s") or {}).values()
+        )
+
+
+def _on_retry(r: _Reader, rec: dict[str, Any]) -> None:
+    start = r.step_starts.get((rec["phase"], rec["step"]), {})
+    r.run.retries.append(
+        Retry(
+            rec["phase"],
+            rec["step"],
+            start.get("plugin"),
+            int(rec.get("attempt", 0)),
+            float(rec["wall"]),
+            str(rec.get("error", "")),
+            float(rec.get("wait") or 0.0),
+        )
+    )
+
+
+def _on_rollback_start(r: _Reader, rec: dict[str, Any]) -> None:
+    r.undo_starts[(rec["phase"], rec["step"])] = rec
+
+
+def _on_rollback_end(r: _Reader, rec: dict[str, Any]) -> None:
+    start = r.undo_starts.get((rec["phase"], rec["step"]), rec)
+    r.run.rollbacks.append(
+        Span(
+            "rollback",
+            rec["phase"],
+            rec["step"],
+            None,
+            float(start["wall"]),
+            elapsed(start, rec),
+            start["boot_id"],
+            bool(rec.get("ok")),
+            error=rec.get("error"),
+        )
+    )
+
+
+def _on_blackout_start(r: _Reader, rec: dict[str, Any]) -> None:
+    r.blackout_rec = rec
+    r.run.blackout_open = float(rec["wall"])
+
+
+def _on_blackout_end(r: _Reader, rec: dict[str, Any]) -> None:
+    start = r.blackout_rec
+    if start is None:
+        return
+    r.run.blackout = (float(start["wall"]), float(rec["wall"]))
+    r.run.blackout_s = elapsed(start, rec)
+    r.run.blackout_open = None
+
+
+def _on_kexec(r: _Reader, rec: dict[str, Any]) -> None:
+    r.kexec_rec = rec
+    r.run.kexec = float(rec["wall"])
+
+
+def _on_cancel(r: _Reader, rec: dict[str, Any]) -> None:
+    if r.run.cancel is not None:
+        return
+    r.run.cancel = float(rec["wall"])
+    if r.run.failed_phase is None:
+        # the phase the update was in when it failed: one that ended badly
+        # (phase_end), else the reboot syscall, else one left open by an
+        # orchestrator that died
+        r.run.failed_phase = (
+            "kexec" if r.kexec_rec is not None else r.open_phase or "unknown"
+        )
+
+
+def _on_resume(r: _Reader, rec: dict[str, Any]) -> None:
+    if rec.get("action") == "cancel":
+        _on_cancel(r, rec)
+
+
+def _on_run_end(r: _Reader, rec: dict[str, Any]) -> None:
+    r.run.outcome, r.run.error = rec.get("outcome"), rec.get("error")
+
+
+# What each kind of record adds to a run; other events add nothing.
+_HANDLERS: dict[str, Callable[[_Reader, dict[str, Any]], None]] = {
+    "abi": _on_abi,
+    "state": _on_state,
+    "phase_start": _on_phase_start,
+    "phase_end": _on_phase_end,
+    "step_start": _on_step_start,
+    "step_end": _on_step_end,
+    "retry": _on_retry,
+    "rollback_start": _on_rollback_start,
+    "rollback_end": _on_rollback_end,
+    "blackout_start": _on_blackout_start,
+    "blackout_end": _on_blackout_end,
+    "kexec": _on_kexec,
+    "cancel_start": _on_cancel,
+    "resume": _on_resume,
+    "run_end": _on_run_end,
+}
+
+
 def parse_run(records: list[dict[str, Any]]) -> Run:
     """A :class:`Run` from the records of one run (``records[0]`` is ``run_start``)."""
     first = records[0]
@@ -152,150 +351,22 @@ def parse_run(records: list[dict[str, Any]]) -> Run:
         start=float(first["wall"]),
         end=float(records[-1]["wall"]),
     )
-    phase_starts: dict[str, dict[str, Any]] = {}
-    step_starts: dict[tuple[str, str], dict[str, Any]] = {}
-    undo_starts: dict[tuple[str, str], dict[str, Any]] = {}
-    manifests: dict[str, dict[str, Any]] = {}
-    records_by_plugin: dict[str, dict[str, Any]] = {}
-    kexec_rec: dict[str, Any] | None = None
-    blackout_rec: dict[str, Any] | None = None
-    open_phase: str | None = None
+    reader = _Reader(run)
     for rec in records:
-        ev = rec["event"]
         if rec["boot_id"] not in run.boots:
             run.boots.append(rec["boot_id"])
             if len(run.boots) > 1 and run.next_boot is None:
                 run.next_boot = float(rec["wall"])
         if rec.get("liveupdate_number") is not None:  # the "kernel" record
             run.liveupdate_number = int(rec["liveupdate_number"])
-        if ev == "abi":
-            run.abi = rec.get("abi")
-        elif ev == "state":
-            run.states.append((rec["state"], float(rec["wall"])))
-        elif ev == "phase_start":
-            phase_starts[rec["phase"]] = rec
-            open_phase = rec["phase"]
-            if rec["phase"] == "restore" and kexec_rec is not None:
-                run.phases.append(
-                    Span(
-                        "phase",
-                        "kexec",
-                        "kexec",
-                        None,
-                        float(kexec_rec["wall"]),
-                        elapsed(kexec_rec, rec),
-                        kexec_rec["boot_id"],
-                        True,
-                    )
-                )
-        elif ev == "phase_end" and rec["phase"] in phase_starts:
-            start = phase_starts[rec["phase"]]
-            ok = bool(rec.get("ok", True))
-            run.phases.append(
-                Span(
-                    "phase",
-                    rec["phase"],
-                    rec["phase"],
-                    None,
-                    float(start["wall"]),
-                    elapsed(start, rec),
-                    start["boot_id"],
-                    ok,
-                    error=rec.get("error"),
-                )
-            )
-            open_phase = None
-            if not ok and run.failed_phase is None:
-                run.failed_phase = rec["phase"]
-        elif ev == "step_start":
-            step_starts[(rec["phase"], rec["step"])] = rec
-        elif ev == "step_end":
-            key = (rec["phase"], rec["step"])
-            start = step_starts.get(key, rec)
-            plugin = rec.get("plugin") or start.get("plugin")
-            run.steps.append(
-                Span(
-                    "step",
-                    rec["phase"],
-                    rec["step"],
-                    plugin,
-                    float(start["wall"]),
-                    elapsed(start, rec),
-                    start["boot_id"],
-                    bool(rec.get("ok")),
-                    int(rec.get("attempts") or 1),
-                    rec.get("error"),
-                )
-            )
-            if rec.get("ok") and plugin:
-                records_by_plugin[plugin] = rec.get("records") or {}
-                if rec.get("manifest"):
-                    manifests[plugin] = rec["manifest"]
-                if rec["phase"] == "restore":
-                    # A plugin that brings workloads back may record how long
-                    # each was paused (the qemu plugin: per VM, stop to cont).
-                    recorded = rec.get("records") or {}
-                    if recorded.get("blackout_s") is not None:
-                        run.plugin_blackouts[plugin] = float(recorded["blackout_s"])
-                    run.vm_blackouts.extend(
-                        float(v) for v in (recorded.get("vm_blackout_s") or {}).values()
-                    )
-        elif ev == "retry":
-            start = step_starts.get((rec["phase"], rec["step"]), {})
-            run.retries.append(
-                Retry(
-                    rec["phase"],
-                    rec["step"],
-                    start.get("plugin"),
-                    int(rec.get("attempt", 0)),
-                    float(rec["wall"]),
-                    str(rec.get("error", "")),
-                    float(rec.get("wait") or 0.0),
-                )
-            )
-        elif ev == "rollback_start":
-            undo_starts[(rec["phase"], rec["step"])] = rec
-        elif ev == "rollback_end":
-            start = undo_starts.get((rec["phase"], rec["step"]), rec)
-            run.rollbacks.append(
-                Span(
-                    "rollback",
-                    rec["phase"],
-                    rec["step"],
-                    None,
-                    float(start["wall"]),
-                    elapsed(start, rec),
-                    start["boot_id"],
-                    bool(rec.get("ok")),
-                    error=rec.get("error"),
-                )
-            )
-        elif ev == "blackout_start":
-            blackout_rec = rec
-            run.blackout_open = float(rec["wall"])
-        elif ev == "blackout_end" and blackout_rec is not None:
-            run.blackout = (float(blackout_rec["wall"]), float(rec["wall"]))
-            run.blackout_s = elapsed(blackout_rec, rec)
-            run.blackout_open = None
-        elif ev == "kexec":
-            kexec_rec = rec
-            run.kexec = float(rec["wall"])
-        elif (
-            ev == "cancel_start" or (ev == "resume" and rec.get("action") == "cancel")
-        ) and run.cancel is None:
-            run.cancel = float(rec["wall"])
-            if run.failed_phase is None:
-                # the phase the update was in when it failed: one that ended
-                # badly (above), else the reboot syscall, else one left open
-                # by an orchestrator that died
-                run.failed_phase = (
-                    "kexec" if kexec_rec is not None else open_phase or "unknown"
-                )
-        elif ev == "run_end":
-            run.outcome, run.error = rec.get("outcome"), rec.get("error")
+        handler = _HANDLERS.get(rec["event"])
+        if handler is not None:
+            handler(reader, rec)
     if run.outcome == "failed" and run.failed_phase is None:
-        run.failed_phase = open_phase or "unknown"
-    run.preserved_fds, run.preserved_bytes = _preserved(manifests, records_by_plugin)
+        run.failed_phase = reader.open_phase or "unknown"
+    run.preserved_fds, run.preserved_bytes = _preserved(
+        reader.manifests, reader.records_by_plugin
+    )
     return run
 
 

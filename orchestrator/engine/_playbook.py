@@ -6,13 +6,13 @@ rather than the constructed objects, so every problem is reported as a
 :class:`~orchestrator.PlaybookError` naming ``file:line`` and what was
 expected there. Only the first problem, in document order, is raised.
 
-The tree comes from :mod:`orchestrator._yaml`, which bounds the document
+The tree comes from :mod:`orchestrator.engine._yaml`, which bounds the document
 (size, nesting, alias expansion) and refuses duplicate and merge keys at every
 depth; the keys of each section and their bounds (timeouts 1ms .. 24h,
-attempts 1 .. 100, ...) are declared in :mod:`orchestrator._playbook_schema`,
+attempts 1 .. 100, ...) are declared in :mod:`orchestrator.engine._playbook_schema`,
 which ``docs/playbook.md`` is generated from. A step's ``with:`` must be plain
 data; the plugin's declared options are checked by
-:func:`orchestrator._engine.check_playbook`, which knows the plugins.
+:func:`orchestrator.engine._engine.check_playbook`, which knows the plugins.
 
 .. versionadded:: 0.1
 .. versionchanged:: 0.2
@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
 import yaml
 
+from orchestrator.errors import PlaybookError
+
 from . import _playbook_schema as _schema
-from ._errors import PlaybookError
 from ._phases import Phase
 from ._yaml import MAX_BYTES as _MAX_BYTES
 from ._yaml import compose

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .agent_client import DEFAULT_SOCKET
+from orchestrator.agent.client import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     import argparse
 
-    from .agent_client import AgentClient
+    from orchestrator.agent.client import AgentClient
 
 
 EXIT_REFUSED = 1  # the agent refused the request, or could not start
@@ -35,9 +35,10 @@ def _fail(message: object) -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     import anyio
 
-    from ._agent import run_agent
-    from ._agent_guard import AgentBusyError, AgentSetupError, Limits
-    from .luo import kernel_from_spec
+    from orchestrator.agent._guard import Limits
+    from orchestrator.agent._server import run_agent
+    from orchestrator.errors import AgentBusyError, AgentSetupError
+    from orchestrator.luo import kernel_from_spec
 
     kernel = kernel_from_spec(args.kernel)
     limits = Limits(
@@ -83,7 +84,8 @@ def _leaf(error: BaseException) -> BaseException:
 
 
 def cmd_handover(args: argparse.Namespace) -> int:
-    from .agent_client import AgentClient, AgentRefusedError, AgentUnreachableError
+    from orchestrator.agent.client import AgentClient
+    from orchestrator.errors import AgentRefusedError, AgentUnreachableError
 
     if args.action == "register":
         try:

@@ -22,8 +22,7 @@ from __future__ import annotations
 import sys
 
 from orchestrator._compat import TYPE_CHECKING
-
-from ._errors import (
+from orchestrator.errors import (
     InvalidArgumentError,
     OrchestratorError,
     PlaybookError,
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-    from .luo._probe import ProbeReport
+    from orchestrator.luo._probe import ProbeReport
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -81,7 +80,7 @@ def _render_probe(report: ProbeReport) -> str:
 def cmd_probe(args: argparse.Namespace) -> int:
     import json
 
-    from .luo._probe import probe
+    from orchestrator.luo._probe import probe
 
     report = probe(args.kernel, try_kinds=not args.no_kinds)
     if args.json:
@@ -95,7 +94,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
     import shutil
     from pathlib import Path
 
-    from .luo.sim import SimKernel
+    from orchestrator.luo.sim import SimKernel
 
     root = Path(args.dir)
     if args.action == "init":
@@ -173,10 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sim)
 
     _add_update_commands(sub)
-    from ._cli_agent import add_agent_commands
+    from ._agent import add_agent_commands
 
     add_agent_commands(sub)
-    from ._cli_metrics import add_metrics_commands
+    from ._metrics import add_metrics_commands
 
     add_metrics_commands(sub)
     return parser
@@ -196,7 +195,7 @@ def _with_playbook(p: argparse.ArgumentParser) -> None:
 
 
 def _add_resume_command(sub: Any) -> None:
-    from . import _cli_update as u
+    from . import _update as u
 
     p = sub.add_parser(
         "resume",
@@ -214,9 +213,9 @@ def _add_resume_command(sub: Any) -> None:
 def _add_update_commands(sub: Any) -> None:
     from pathlib import Path
 
-    from . import _cli_update as u
+    from . import _update as u
 
-    default_demo = Path(__file__).resolve().parent.parent / "playbooks" / "demo.yaml"
+    default_demo = Path(__file__).resolve().parents[2] / "playbooks" / "demo.yaml"
 
     p = sub.add_parser(
         "plan",
@@ -291,7 +290,7 @@ def _add_update_commands(sub: Any) -> None:
         "--keep",
         action="store_true",
         help="leave the workloads running at the end (stop them with "
-        "'python -m orchestrator.demo_kv --registry DIR/workloads --stop')",
+        "'python -m orchestrator.demo.kv --registry DIR/workloads --stop')",
     )
     p.set_defaults(func=u.cmd_demo)
 
@@ -301,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["resume"]:
         # Inside the blackout window: take the sessions back before importing
         # anything heavy (argument parsing, the engine, the plugins).
-        from . import _resume
+        from orchestrator.restore import _resume
 
         try:
             prefetched = _resume.prefetch(argv[1:])
@@ -318,9 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             prefetched[1].close()
             return 0
-        from . import _cli_update
+        from . import _update
 
-        _cli_update.PREFETCHED = prefetched
+        _update.PREFETCHED = prefetched
         # Still inside the blackout: parse only what resume takes.
         import argparse
 
@@ -384,7 +383,3 @@ def _call(args: argparse.Namespace) -> int:
     except* KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """A demo workload: an in-memory key-value store whose data lives in a memfd.
 
-    python -m orchestrator.demo_kv --name kv0 --registry DIR --size-mib 128
-    python -m orchestrator.demo_kv --name kv0 --registry DIR --memfd 3   # restored
-    python -m orchestrator.demo_kv --registry DIR --stop   # stop DIR's stores
+    python -m orchestrator.demo.kv --name kv0 --registry DIR --size-mib 128
+    python -m orchestrator.demo.kv --name kv0 --registry DIR --memfd 3   # restored
+    python -m orchestrator.demo.kv --registry DIR --stop   # stop DIR's stores
 
 On a fresh start it fills its memfd with seeded records and publishes
 ``DIR/kv0.json`` (pid, the memfd's fd number, size, SHA-256 of the data); the
@@ -150,7 +150,7 @@ def running(registry: Path) -> dict[str, int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if b"orchestrator.demo_kv" in argv and str(registry).encode() in argv:
+        if b"orchestrator.demo.kv" in argv and str(registry).encode() in argv:
             found[str(info.get("name", entry.stem))] = pid
     return found
 
@@ -188,7 +188,7 @@ def ask(sock_path: str, request: str, timeout: float = 30.0) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.demo_kv")
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.demo.kv")
     parser.add_argument("--name")
     parser.add_argument("--registry", required=True, type=Path)
     parser.add_argument("--size-mib", type=int, default=128)

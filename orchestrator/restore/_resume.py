@@ -138,7 +138,7 @@ def prefetch(argv: Sequence[str]) -> tuple[Plan, Keeper] | None:
     plan = read_plan(state_dir)
     if plan is None:
         return None
-    from .luo._kernel import kernel_from_spec
+    from orchestrator.luo._kernel import kernel_from_spec
 
     kernel = kernel_from_spec(_option(argv, "--kernel") or plan.kernel)
     if plan.boot_id == kernel.boot_id():

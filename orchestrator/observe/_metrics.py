@@ -40,7 +40,8 @@ from prometheus_client.core import (
     InfoMetricFamily,
 )
 
-from ._journal import read_journal
+from orchestrator.restore._journal import read_journal
+
 from ._runs import CANCELLABLE_PHASES, OUTCOMES, STATES, read_runs
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ class JournalCollector:
 
 def interrupted_gauge(state_dir: str | os.PathLike[str]) -> Metric:
     """1 when the last update never ended and no orchestrator runs it."""
-    from ._journal import lock_holder, unfinished
+    from orchestrator.restore._journal import lock_holder, unfinished
 
     stuck = bool(unfinished(read_journal(state_dir))) and lock_holder(state_dir) is None
     return GaugeMetricFamily(

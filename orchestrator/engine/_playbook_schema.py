@@ -1,8 +1,8 @@
 """What a playbook may hold: each section's keys, defaults and bounds.
 
-Declared once, here: the loader (:mod:`orchestrator._playbook`) checks
+Declared once, here: the loader (:mod:`orchestrator.engine._playbook`) checks
 against these bounds and the reference (``docs/playbook.md``, written by
-:mod:`orchestrator._playbook_doc`) shows them.
+:mod:`orchestrator.engine._playbook_doc`) shows them.
 
 .. versionadded:: 0.2
 """

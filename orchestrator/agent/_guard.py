@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import OrchestratorError
+from orchestrator.errors import AgentBusyError, AgentSetupError, BadRequestError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -48,35 +48,6 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _FD_RESERVE = 64  # the interpreter, the event loop, the journal, the LUO sessions
 _REFUSALS = 16  # connections being refused at once (each lingers briefly)
 _LINGER = 1.0  # seconds a refused connection may take to read its refusal
-
-
-class AgentSetupError(OrchestratorError):
-    """The agent cannot start: its socket, state directory or limits are unusable."""
-
-    def __init__(self, path: Path | None, problem: str) -> None:
-        self.path = path
-        self.problem = problem
-        super().__init__(problem if path is None else f"{path}: {problem}")
-
-
-class AgentBusyError(AgentSetupError):
-    """Another agent already serves this socket or state directory."""
-
-    def __init__(self, path: Path, holder: str) -> None:
-        self.holder = holder
-        super().__init__(
-            path,
-            f"another agent ({holder}) already holds this lock; not starting, "
-            "and leaving its socket and registrations alone",
-        )
-
-
-class BadRequestError(OrchestratorError, ValueError):
-    """A request that cannot be decoded within the agent's limits."""
-
-    def __init__(self, problem: str) -> None:
-        self.problem = problem
-        super().__init__(f"bad request: {problem}")
 
 
 @dataclass(frozen=True, slots=True)

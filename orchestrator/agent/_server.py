@@ -11,7 +11,7 @@ boot -- it resumes the update and hands every fd back on ``reclaim``.
 Peers are checked with ``SO_PEERCRED`` when they connect, before any byte of
 theirs is read: root, and the uids and gids given with
 ``--allow-uid``/``--allow-gid``; the socket file admits the same peers (see
-:mod:`orchestrator._agent_guard` for this and for the limits).
+:mod:`orchestrator.agent._guard` for this and for the limits).
 
 Dead clients: a request is one packet, so a client that dies mid-request
 registers nothing. A registration belongs to the agent once acknowledged: it
@@ -36,9 +36,18 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ._agent_guard import (
+from orchestrator.engine._hookspecs import hookimpl
+from orchestrator.engine._phases import Phase
+from orchestrator.engine._playbook import PhasePlan, Playbook, RetryPolicy, Step, Where
+from orchestrator.errors import (
+    AgentRefusal,
     AgentSetupError,
     BadRequestError,
+    OrchestratorError,
+)
+from orchestrator.luo._fds import describe_fd, shmem_can_preserve
+
+from ._guard import (
     InstanceLock,
     Limits,
     Peer,
@@ -48,18 +57,13 @@ from ._agent_guard import (
     listen_unix,
     serve_listener,
 )
-from ._errors import OrchestratorError
-from ._hookspecs import hookimpl
-from ._phases import Phase
-from ._playbook import PhasePlan, Playbook, RetryPolicy, Step, Where
-from .luo._fds import describe_fd, shmem_can_preserve
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-    from ._context import StepContext
-    from ._engine import Engine
-    from .luo import Kernel
+    from orchestrator.engine._context import StepContext
+    from orchestrator.engine._engine import Engine
+    from orchestrator.luo import Kernel
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +92,6 @@ class Registration:
         data = asdict(self)
         del data["fd"]
         return data
-
-
-class AgentRefusal(OrchestratorError):
-    """A request the agent refuses; the message goes back to the client."""
 
 
 class AgentPlugin:
@@ -544,14 +544,14 @@ async def run_agent(
 
 
 async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) -> None:
-    from ._engine import Engine, plugin_manager
-    from ._playbook import load_playbook
+    from orchestrator.engine._engine import Engine, plugin_manager
+    from orchestrator.engine._playbook import load_playbook
 
     socket_path, state_dir, kernel = agent.socket_path, agent.state_dir, agent.kernel
 
     def engine_for(playbook: Path) -> Engine:
-        from ._engine import check_playbook
-        from ._errors import PlaybookError
+        from orchestrator.engine._engine import check_playbook
+        from orchestrator.errors import PlaybookError
 
         pm = plugin_manager(extra=[AgentPlugin(agent)])
         known = {name for name, _ in pm.list_name_plugin()}
@@ -585,7 +585,7 @@ async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) ->
                 agent.frozen = agent.updating = False
                 agent.update_scope = None
 
-    from ._agent_http import serve_control
+    from ._http import serve_control
 
     agent.engine_for = engine_for
     agent.start_update = run_update
@@ -608,7 +608,7 @@ async def _resume_own_update(
     """
     import anyio.to_thread
 
-    from ._journal import read_journal, unfinished
+    from orchestrator.restore._journal import read_journal, unfinished
 
     try:
         left = unfinished(await anyio.to_thread.run_sync(read_journal, state_dir))

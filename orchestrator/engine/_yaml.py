@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import yaml
 
-from ._errors import PlaybookError
+from orchestrator.errors import PlaybookError
 
 if TYPE_CHECKING:
     from yaml.error import Mark

@@ -30,12 +30,16 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import push_to_gateway
 from prometheus_client.registry import CollectorRegistry
 
-from ._errors import OrchestratorError
+from orchestrator._http import read_request, response
+from orchestrator.errors import HttpError, MetricsExportError
+
 from ._metrics import register_metrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    from orchestrator._http import Request
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +51,6 @@ _MAX_REQUEST = 16384
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The text format ``generate_latest`` writes, named as every Prometheus 2.x
 knows it (newer prometheus_client names it ``version=1.0.0``)."""
-
-
-class MetricsExportError(OrchestratorError):
-    """The metrics could not be written, pushed or served."""
-
-    def __init__(self, target: str, problem: str) -> None:
-        self.target = target
-        self.problem = problem
-        super().__init__(f"metrics to {target}: {problem}")
 
 
 @contextlib.contextmanager
@@ -168,42 +163,45 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _respond(
-    stream: anyio.abc.ByteStream, status: str, ctype: str, body: bytes, head: bool
-) -> None:
-    header = (
-        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    await stream.send(header if head else header + body)
+async def _answer(registry: CollectorRegistry, request: Request) -> bytes:
+    head = request.method == "HEAD"
+    path = request.target.split("?", 1)[0]
+    if request.method not in ("GET", "HEAD"):
+        return response(405, b"", "text/plain", head=head)
+    if path == "/metrics":
+        body = await anyio.to_thread.run_sync(generate_latest, registry)
+        return response(200, body, CONTENT_TYPE, head=head)
+    if path == "/":
+        page = b'<html><body><a href="/metrics">/metrics</a></body></html>\n'
+        return response(200, page, "text/html", head=head)
+    return response(404, b"not found\n", "text/plain", head=head)
 
 
 async def _handle(registry: CollectorRegistry, stream: anyio.abc.ByteStream) -> None:
-    async with stream:
-        request = b""
-        with anyio.move_on_after(10):
-            while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST:
-                try:
-                    request += await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return
+    async def receive() -> bytes:
         try:
-            method, target, _ = request.split(b"\r\n", 1)[0].decode().split(" ", 2)
-        except ValueError:
-            await _respond(stream, "400 Bad Request", "text/plain", b"", False)
-            return
-        head = method == "HEAD"
-        path = target.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            await _respond(stream, "405 Method Not Allowed", "text/plain", b"", head)
-        elif path == "/metrics":
-            body = await anyio.to_thread.run_sync(generate_latest, registry)
-            await _respond(stream, "200 OK", CONTENT_TYPE, body, head)
-        elif path == "/":
-            page = b'<html><body><a href="/metrics">/metrics</a></body></html>\n'
-            await _respond(stream, "200 OK", "text/html", page, head)
-        else:
-            await _respond(stream, "404 Not Found", "text/plain", b"not found\n", head)
+            return await stream.receive()
+        except anyio.EndOfStream:
+            return b""
+
+    async with stream:
+        try:
+            request = None
+            with anyio.move_on_after(10) as arrival:
+                request = await read_request(
+                    receive,
+                    max_head=_MAX_REQUEST,
+                    max_headers=_MAX_REQUEST,
+                    max_body=_MAX_REQUEST,
+                )
+            if arrival.cancelled_caught:
+                raise HttpError(408, "no whole request within 10 s")
+            if request is None:
+                return
+            answer = await _answer(registry, request)
+        except HttpError as exc:
+            answer = response(exc.status, f"{exc.problem}\n".encode(), "text/plain")
+        await stream.send(answer)
 
 
 async def serve_metrics(
@@ -216,7 +214,8 @@ async def serve_metrics(
     """Serve ``/metrics`` of *registry* over HTTP on *host*:*port* until cancelled.
 
     Start it with ``await tg.start(serve_metrics, ...)``: it reports the port
-    it listens on (useful with port 0) once it accepts connections. Each
+    it listens on (useful with port 0) once it accepts connections. Requests
+    are parsed as the agent's are (:mod:`orchestrator._http`, h11). Each
     scrape collects in a worker thread (the journal is read from disk); a
     client has 10 s to send its request.
 

@@ -19,7 +19,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from ._errors import TransientError
+from orchestrator.errors import TransientError
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -15,7 +15,7 @@ ends it otherwise.
 
 Standard library and the kernel layer only: it starts inside the blackout.
 It is started with ``fork()`` when the caller has one thread (about a
-millisecond), else as ``python -m orchestrator._keeper``.
+millisecond), else as ``python -m orchestrator.restore._keeper``.
 
 Protocol: ``SOCK_SEQPACKET`` on an abstract address derived from the state
 dir; only peers with the keeper's uid are served. One request a packet,
@@ -35,15 +35,15 @@ import struct
 import sys
 
 from orchestrator._compat import TYPE_CHECKING
+from orchestrator.errors import KeeperError
 
 from ._crashpoint import crash_point
-from ._errors import OrchestratorError
 
 if TYPE_CHECKING:
     import selectors
     from collections.abc import Sequence
 
-    from .luo import Kernel, OwnedFd, RfcDevice, Session
+    from orchestrator.luo import Kernel, OwnedFd, RfcDevice, Session
 
 _PEERCRED = struct.Struct("3i")
 _MAX = 4096
@@ -51,14 +51,6 @@ _MAX_CLIENTS = 64
 _SEND_TIMEOUT = 10.0
 _CLIENT_TIMEOUT = 300.0
 """How long a client waits for an answer (a RETRIEVE of a large file is slow)."""
-
-
-class KeeperError(OrchestratorError):
-    """The keeper could not be started or reached, or refused a request."""
-
-
-class _GoneError(KeeperError):
-    """The keeper hung up before saying hello: it is on its way out."""
 
 
 def address(state_dir: str | os.PathLike[str]) -> bytes:
@@ -85,18 +77,18 @@ class _Holdings:
         self.missing: list[str] = []
 
     def retrieve_sessions(self, names: Sequence[str]) -> None:
-        from .luo import KernelError, SessionNotFoundError
+        from orchestrator.luo import KernelError, SessionNotFoundError
 
         if self.abi == "rfc":
-            from .luo import RfcDevice
+            from orchestrator.luo import RfcDevice
 
             self.rfc = RfcDevice.open(self.kernel)
-            from .luo import RfcState
+            from orchestrator.luo import RfcState
 
             if self.rfc.state() != RfcState.UPDATED:
                 self.missing.append("rfc")  # this boot did not come through LUO
             return
-        from .luo import LiveUpdateDevice
+        from orchestrator.luo import LiveUpdateDevice
 
         with LiveUpdateDevice.open(self.kernel) as dev:
             for name in names:
@@ -118,7 +110,7 @@ class _Holdings:
             else:
                 owner = self.sessions.get(session)
                 if owner is None:
-                    from .luo._errors import kernel_error
+                    from orchestrator.luo._errors import kernel_error
 
                     raise kernel_error(2, "RETRIEVE_SESSION", session)
                 held = owner.retrieve_fd(token)
@@ -141,7 +133,7 @@ class _Holdings:
 
 
 def _answer(h: _Holdings, fields: list[str]) -> tuple[str, list[int]]:
-    from .luo import KernelError
+    from orchestrator.luo import KernelError
 
     verb = fields[0] if fields else ""
     try:
@@ -308,7 +300,7 @@ def _spawn(
                 [
                     sys.executable,
                     "-m",
-                    "orchestrator._keeper",
+                    "orchestrator.restore._keeper",
                     kernel.spec,
                     addr[1:].decode(),
                     run_id,
@@ -350,9 +342,9 @@ class Keeper:
         self._lock = _thread.allocate_lock()
         try:
             fields = self._call("hello")[0]
-        except KeeperError as exc:
+        except KeeperError:
             sock.close()
-            raise _GoneError(str(exc)) from exc
+            raise
         self.pid = int(fields[1])
         self.run_id = fields[2]
         self.abi = fields[3]
@@ -390,7 +382,7 @@ class Keeper:
         for _ in range(40):
             try:
                 keeper = cls.connect(state_dir)
-            except _GoneError:
+            except KeeperError:
                 time.sleep(0.05)  # one on its way out: its address frees soon
                 continue
             if keeper is not None:
@@ -423,14 +415,14 @@ class Keeper:
         for fd in fds:
             os.close(fd)
         if answer[0] == "err" and len(answer) == 4 and answer[1] not in ("", "0"):
-            from .luo._errors import kernel_error
+            from orchestrator.luo._errors import kernel_error
 
             raise kernel_error(int(answer[1]), answer[2], answer[3])
         raise KeeperError(f"the keeper refused {fields[0]}: {answer[-1] or raw!r}")
 
     def retrieve(self, entry: dict[str, object]) -> OwnedFd:
         """The fd preserved under *entry* (a manifest entry), yours to own."""
-        from .luo import OwnedFd
+        from orchestrator.luo import OwnedFd
 
         session = str(entry.get("session", "-"))
         _, fds = self._call("fd", session, str(entry["token"]))
@@ -450,8 +442,8 @@ class Keeper:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -m orchestrator._keeper SPEC ADDR RUN ABI READY-FD SESSION...``"""
-    from .luo import kernel_from_spec
+    """``python -m orchestrator.restore._keeper SPEC ADDR RUN ABI READY-FD SESSION...``"""
+    from orchestrator.luo import kernel_from_spec
 
     spec, addr, run_id, abi, ready, *names = argv
     _detach_and_run(

@@ -24,15 +24,24 @@ import anyio
 import anyio.to_thread
 import pluggy
 
+from orchestrator.errors import (
+    JournalError,
+    PhaseError,
+    PhaseTimeoutError,
+    PluginError,
+    UnfinishedUpdateError,
+)
+from orchestrator.luo import KexecError
+from orchestrator.luo._kernel import liveupdate_number
+from orchestrator.restore._journal import Journal, last_run, resume_command, unfinished
+from orchestrator.restore._resume import Plan, read_plan, remove_plan, write_plan
+
 from ._context import RunContext, StepContext
-from ._errors import PhaseError, PhaseTimeoutError, PluginError, UnfinishedUpdateError
 from ._hookspecs import PROJECT, ROLLBACK_SUFFIX, PhaseSpecs
-from ._journal import Journal, JournalError, last_run, resume_command, unfinished
 from ._options import Option, check_options
 from ._phases import Phase, State
+from ._plugins import ENTRY_POINT_GROUP, builtin_entry_points, load_plugin
 from ._preserve import open_preserver
-from ._resume import Plan, read_plan, remove_plan, write_plan
-from .luo import KexecError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable
@@ -40,13 +49,13 @@ if TYPE_CHECKING:
 
     from tenacity import RetryCallState
 
+    from orchestrator.luo import Kernel
+
     from ._playbook import Playbook, Step
     from ._preserve import Retriever
-    from .luo import Kernel
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "liveupdate.plugins"
 ROLLBACK_BUDGET = 60.0
 """Seconds the whole rollback may take (each rollback hook: its step timeout)."""
 
@@ -73,12 +82,12 @@ def plugin_manager(
     """A plugin manager with the built-in plugins (all, or those named in
     *builtins*), *extra* ones (each with a ``name``) and the installed
     third-party ones."""
-    from plugins import BUILTINS
-
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(PhaseSpecs)
     try:
-        for plugin in [*BUILTINS(builtins), *extra]:
+        for ep in builtin_entry_points(builtins):
+            pm.register(load_plugin(ep), name=ep.name)
+        for plugin in extra:
             pm.register(plugin, name=getattr(plugin, "name", None))
         if load_entry_points:
             _load_entry_points(pm)
@@ -101,30 +110,23 @@ def plugin_manager(
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
-    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP`.
+    """Register the third-party plugins of :data:`ENTRY_POINT_GROUP` (every
+    installed distribution's but this one's: the built-ins asked for are
+    registered already).
 
-    An entry point names a module, an object, or a class (``module:Class``,
-    the shape ``_hookspecs`` shows). A class is instantiated here: pluggy's
-    ``load_setuptools_entrypoints`` would register the class itself, and every
-    hook would then be called without ``self``.
-
-    :raises PluginError: an entry point cannot be imported, or its class
-        cannot be instantiated without arguments.
+    :raises PluginError: an entry point cannot be loaded (see
+        :func:`~orchestrator.engine._plugins.load_plugin`).
     """
     from importlib.metadata import entry_points
 
+    # The built-ins are in the group too: those not asked for stay out.
+    builtin = {ep.name for ep in builtin_entry_points()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+        if ep.name in builtin or pm.get_plugin(ep.name) is not None:
             continue
-        try:
-            plugin = ep.load()
-            if isinstance(plugin, type):
-                plugin = plugin()
-        except Exception as exc:
-            raise PluginError(
-                ep.name, f"cannot load {ep.value!r}: {type(exc).__name__}: {exc}"
-            ) from exc
-        pm.register(plugin, name=ep.name)
+        if pm.is_blocked(ep.name):
+            continue
+        pm.register(load_plugin(ep), name=ep.name)
 
 
 def hook_for(
@@ -503,7 +505,7 @@ class Engine:
         be run again and goes on from where it was.
 
         :param prefetched: the restore plan and the keeper that
-            ``orchestrator._resume`` had retrieve the sessions before anything
+            ``orchestrator.restore._resume`` had retrieve the sessions before anything
             heavy was imported.
         :raises JournalError: the journal cannot be read, is damaged, or does
             not match the restore plan (nothing was touched).
@@ -596,7 +598,7 @@ class Engine:
         abi = next((r["abi"] for r in records if r["event"] == "abi"), "merged")
         names = _session_names(run)
         if prefetched is None:
-            from ._keeper import Keeper
+            from orchestrator.restore._keeper import Keeper
 
             keeper: Retriever = await anyio.to_thread.run_sync(
                 Keeper.ensure, self.kernel, self.state_dir, run.run_id, abi, names
@@ -627,7 +629,7 @@ class Engine:
             await self._run_phase(run, Phase.RESTORE, [])
             self._log("blackout_end")
             # Reading the kernel log is not blackout work: only now.
-            self._log("kernel", liveupdate_number=_number(self.kernel))
+            self._log("kernel", liveupdate_number=liveupdate_number(self.kernel))
             await self._run_phase(run, Phase.FINISH, [])
         except Exception as exc:  # noqa: BLE001  (after the kexec: journaled, kept for a retry)
             self._state(State.FAILED)
@@ -690,7 +692,7 @@ class _DeadSessions:
     def cancel(self) -> None:
         if not self.tokens:
             return
-        from .luo import RfcDevice, RfcState, TokenNotFoundError
+        from orchestrator.luo import RfcDevice, RfcState, TokenNotFoundError
 
         with RfcDevice.open(self.kernel) as dev:
             if dev.state() in (RfcState.PREPARED, RfcState.FROZEN):
@@ -804,16 +806,6 @@ def _unfinished_error(
     return UnfinishedUpdateError(
         records[0]["run"], state, after, resume_command(records[0], state_dir)
     )
-
-
-def _number(kernel: Kernel) -> int | None:
-    for line in kernel.log_lines():
-        if "liveupdate number:" in line:
-            try:
-                return int(line.rsplit(":", 1)[1])
-            except ValueError:
-                return None
-    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._journal import (
+from orchestrator.restore._journal import (
     journal_damage,
     lock_holder,
     read_journal,
     resume_command,
     unfinished,
 )
+
 from ._runs import read_runs
 
 if TYPE_CHECKING:
