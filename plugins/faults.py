@@ -84,13 +84,26 @@ async def _act(ctx: StepContext) -> None:
             option_value(opts, OPTIONS, "registry") or ctx.state_dir / "workloads"
         )
         info = json.loads((registry / f"{opts['kill_workload']}.json").read_text())
-        os.kill(int(info["pid"]), signal.SIGKILL)
+        await _kill_and_wait(int(info["pid"]))
     if ctx.attempt <= int(option_value(opts, OPTIONS, "transient_failures")):
         raise InjectedTransientError(f"transient failure on attempt {ctx.attempt}")
     if opts.get("hang") is not None:
         await anyio.sleep(float(opts["hang"]))
     if opts.get("fail") is not None:
         raise InjectedError(str(opts["fail"]))
+
+
+async def _kill_and_wait(pid: int) -> None:
+    """SIGKILL *pid* and return once it is dead (at most 10 s): the kill is
+    asynchronous, and the next step must find the workload gone, not dying.
+    A pidfd becomes readable when its process exits."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with anyio.move_on_after(10.0):
+            await anyio.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 async def _undo(ctx: StepContext) -> None:
