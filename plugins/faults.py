@@ -1,4 +1,8 @@
-"""Fault injection, to rehearse failures in any phase before the kexec.
+"""Fault injection, to rehearse failures in any phase, before the kexec or after.
+
+After the kexec (restore, finish) it stands for a third-party plugin too: its
+restore step is not resolved before the kexec, so it runs in the engine's
+restore phase and the blackout window stays open until it is done.
 
 Options (``with:``, declared in :data:`OPTIONS`):
 
@@ -114,7 +118,7 @@ async def _undo(ctx: StepContext) -> None:
 
 
 class FaultsPlugin:
-    """Fails, hangs or kills on demand, in any phase before the kexec."""
+    """Fails, hangs or kills on demand, in any phase."""
 
     name = "faults"
     options = OPTIONS
@@ -150,3 +154,11 @@ class FaultsPlugin:
     @hookimpl
     async def lu_freeze_rollback(self, ctx: StepContext) -> None:
         await _undo(ctx)
+
+    @hookimpl
+    async def lu_restore(self, ctx: StepContext) -> None:
+        await _act(ctx)
+
+    @hookimpl
+    async def lu_finish(self, ctx: StepContext) -> None:
+        await _act(ctx)

@@ -15,6 +15,7 @@ workloads before the update.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import anyio
 import anyio.to_thread
 
 from orchestrator import Option, TransientError, hookimpl, option_value
-from orchestrator.demo import WorkloadError, ask, launch, wait_published
+from orchestrator.demo import WorkloadError, ask, launch, launch_argv, wait_published
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
@@ -205,10 +206,30 @@ class WorkloadsPlugin:
             except ProcessLookupError:
                 pass  # dead: the quiesce rollback starts it again
 
+    def lu_restore_plan(self, ctx: StepContext) -> list[dict[str, Any]]:
+        """The restore, resolved before the kexec: one command per workload,
+        which the restore path runs before the engine is loaded."""
+        registry = _registry(ctx)
+        return [
+            {
+                "key": info["name"],
+                "entry": ctx.preserved(info["name"]),
+                "argv": launch_argv(registry, info["name"]),
+                "fd_arg": "--memfd",
+                "env": {"LIVEUPDATE_KERNEL": ctx.kernel.spec},
+                "log": str(registry / f"{info['name']}.log"),
+                "published": str(registry / f"{info['name']}.json"),
+            }
+            for info in ctx.recorded("workloads", [])
+        ]
+
     @hookimpl
     async def lu_restore(self, ctx: StepContext) -> None:
         """Start every workload again on its retrieved memfd, all at once: the
-        blackout ends when they serve. Their data is checked in FINISH."""
+        blackout ends when they serve. Their data is checked in FINISH.
+
+        The restore path has usually started them already (from
+        :meth:`lu_restore_plan`): they are adopted."""
         registry = _registry(ctx)
         restored: dict[str, dict[str, Any]] = {}
 
@@ -218,7 +239,10 @@ class WorkloadsPlugin:
                 if running is not None:  # an interrupted resume started it
                     restored[info["name"]] = running
                     return
-                pid = launch(registry, info["name"], 0, ctx.kernel.spec, fd.fileno())
+                start = functools.partial(
+                    launch, registry, info["name"], 0, ctx.kernel.spec, fd.fileno()
+                )
+                pid = await anyio.to_thread.run_sync(start)
             restored[info["name"]] = await anyio.to_thread.run_sync(
                 wait_published, registry, info["name"], pid
             )

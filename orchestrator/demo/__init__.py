@@ -14,20 +14,34 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.demo.kv import ask, running, stop
+from orchestrator._compat import lazy_exports
 from orchestrator.errors import WorkloadError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["WorkloadError", "ask", "launch", "running", "stop", "wait_published"]
+    from orchestrator.demo.kv import ask, running, stop
+else:
+    # Not imported with the package: ``python -m orchestrator.demo.kv`` would
+    # otherwise run the store's module twice (and runpy warns about it).
+    __getattr__, __dir__ = lazy_exports(
+        __name__, globals(), dict.fromkeys(("ask", "running", "stop"), ".kv")
+    )
+
+__all__ = [
+    "WorkloadError",
+    "ask",
+    "launch",
+    "launch_argv",
+    "running",
+    "stop",
+    "wait_published",
+]
 
 
-def launch(
-    registry: Path, name: str, size_mib: int, kernel_spec: str, memfd: int | None = None
-) -> int:
-    """Start one demo store as a daemon (it outlives whoever started it); its pid."""
-    argv = [
+def launch_argv(registry: Path, name: str, size_mib: int = 0) -> list[str]:
+    """The command that starts store *name* as a daemon (add ``--memfd N``)."""
+    return [
         sys.executable,
         "-m",
         "orchestrator.demo.kv",
@@ -39,6 +53,13 @@ def launch(
         str(size_mib),
         "--detach",
     ]
+
+
+def launch(
+    registry: Path, name: str, size_mib: int, kernel_spec: str, memfd: int | None = None
+) -> int:
+    """Start one demo store as a daemon (it outlives whoever started it); its pid."""
+    argv = launch_argv(registry, name, size_mib)
     if memfd is not None:
         argv += ["--memfd", str(memfd)]
     registry.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,15 @@ class StepContext:
         )
         self.run.manifest.setdefault(self.step.plugin, {})[key] = entry
 
+    def preserved(self, key: str) -> dict[str, Any]:
+        """Where the fd preserved under *key* went (its manifest entry)."""
+        entry = self.run.manifest.get(self.step.plugin, {}).get(key)
+        if entry is None:
+            raise KeyError(
+                f"plugin {self.step.plugin!r} preserved nothing under {key!r}"
+            )
+        return dict(entry)
+
     def preserved_keys(self) -> list[str]:
         return sorted(self.run.manifest.get(self.step.plugin, {}))
 

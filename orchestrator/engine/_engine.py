@@ -33,6 +33,7 @@ from orchestrator.errors import (
 )
 from orchestrator.luo import KexecError
 from orchestrator.luo._kernel import liveupdate_number
+from orchestrator.restore._fast import clocks, read_result
 from orchestrator.restore._journal import Journal, last_run, resume_command, unfinished
 from orchestrator.restore._resume import Plan, read_plan, remove_plan, write_plan
 
@@ -442,6 +443,7 @@ class Engine:
             run.preserver.abi,
             _session_names(run),
             self.owner,
+            self._restore_actions(run),
         )
         write_plan(self.state_dir, plan)  # for the restore path: no JSON to parse
         await anyio.to_thread.run_sync(os.sync)  # outside the blackout
@@ -456,6 +458,43 @@ class Engine:
             await anyio.to_thread.run_sync(self.kernel.reboot_kexec)
         except KexecError as exc:
             raise PhaseError(Phase.KEXEC.value, "reboot", str(exc)) from exc
+
+    def _restore_actions(self, run: RunContext) -> list[str]:
+        """The restore steps resolved now, for the restore path to run first.
+
+        A plugin that can say, before the kexec, which commands bring its
+        workloads back has a ``lu_restore_plan(ctx)`` method returning spawn
+        actions (:mod:`orchestrator.restore._fast`); the others' restores run
+        in the engine's restore phase. A plugin that cannot resolve its step
+        (an exception) is logged and restored the usual way.
+        """
+        import json
+
+        plan = self.playbook.plan(Phase.RESTORE)
+        out: list[str] = []
+        for step in plan.steps if plan else ():
+            resolve = getattr(self.pm.get_plugin(step.plugin), "lu_restore_plan", None)
+            if resolve is None:
+                continue
+            try:
+                actions = resolve(StepContext(step, run, 1))
+                lines = [
+                    json.dumps(
+                        {**a, "index": step.index, "step": step.name},
+                        separators=(",", ":"),
+                    )
+                    for a in actions or ()
+                ]
+            except Exception as exc:  # noqa: BLE001  (the restore phase does it)
+                logger.warning(
+                    "step %s: cannot resolve its restore before the kexec (%s); "
+                    "it runs in the restore phase",
+                    step.name,
+                    _describe(exc),
+                )
+                continue
+            out += lines
+        return out
 
     async def _rollback(self, run: RunContext, done: Iterable[Done]) -> bool:
         """Undo completed steps in reverse order; True when all undo steps succeeded."""
@@ -626,8 +665,19 @@ class Engine:
             # Run again in full after an interrupted resume: restore hooks are
             # idempotent, and owners that live in a process (the agent's
             # registrations) must be restored in this one.
+            fast = read_result(self.state_dir, run.run_id)
+            if fast is not None and fast.get("boot_id") == self.journal.boot_id:
+                # What the restore path did before this engine was loaded.
+                self._log(
+                    "restore_path",
+                    begin_wall=fast["begin"]["wall"],
+                    end_wall=fast["end"]["wall"],
+                    seconds=round(fast["end"]["mono"] - fast["begin"]["mono"], 6),
+                    done=fast["done"],
+                    actions=fast["actions"],
+                )
             await self._run_phase(run, Phase.RESTORE, [])
-            self._log("blackout_end")
+            self._log("blackout_end", **self._blackout(records, fast))
             # Reading the kernel log is not blackout work: only now.
             self._log("kernel", liveupdate_number=liveupdate_number(self.kernel))
             await self._run_phase(run, Phase.FINISH, [])
@@ -640,6 +690,47 @@ class Engine:
             )
             return Outcome.FAILED
         return self._completed(keeper)
+
+    def _blackout(
+        self, records: list[dict[str, Any]], fast: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """When the blackout ended, and how long it was on each clock.
+
+        It ended when the restore path's spawn actions were all done if every
+        restore step was among them (:mod:`orchestrator.restore._fast`), else
+        now, after the restore phase. ``mono_s`` adds the old kernel's
+        monotonic time from the freeze to the ``kexec`` record and the new
+        kernel's boot time (CLOCK_BOOTTIME) at the end: neither clock jumps,
+        and what neither sees -- the reboot syscall, purgatory, the new
+        kernel's start before its clock -- is ``unseen``: not in ``mono_s``.
+        ``wall_s`` is the two kernels' wall clocks subtracted (as good as
+        they agree): a cross-check, whose excess over ``mono_s`` estimates
+        the unseen part.
+        """
+        plan = self.playbook.plan(Phase.RESTORE)
+        steps = {s.index for s in plan.steps} if plan else set()
+        if (
+            fast is not None
+            and fast.get("boot_id") == self.journal.boot_id
+            and (steps <= set(fast.get("done", ())))
+        ):
+            end, by = fast["end"], "restore-path"
+        else:
+            end, by = clocks(self.kernel), "restore-phase"
+        fields: dict[str, Any] = {"ended_by": by, "end_wall": end["wall"]}
+        start = next((r for r in records if r["event"] == "blackout_start"), None)
+        kexec = next((r for r in records if r["event"] == "kexec"), None)
+        if start is None or kexec is None:
+            return fields
+        old_s = float(kexec["mono"]) - float(start["mono"])
+        new_s = float(end["boottime"])
+        fields.update(
+            old_s=round(old_s, 6),
+            new_s=round(new_s, 6),
+            mono_s=round(old_s + new_s, 6),
+            wall_s=round(float(end["wall"]) - float(start["wall"]), 6),
+        )
+        return fields
 
     def _completed(self, keeper: Retriever) -> Outcome:
         # Every owner holds its fds: the kernel may let go. (After an earlier

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 from orchestrator._compat import TYPE_CHECKING, Protocol, final
 
@@ -45,6 +46,10 @@ class Kernel(Protocol):
 
     def boot_id(self) -> str:
         """The id of the running boot (changes at every kexec)."""
+
+    def since_boot(self) -> float:
+        """Seconds since this kernel's clock started (CLOCK_BOOTTIME): never
+        jumps, and after a kexec counts from the new kernel's start."""
 
     def cmdline(self) -> str:
         """The running kernel's command line."""
@@ -91,6 +96,9 @@ class RealKernel:
     def boot_id(self) -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
+
+    def since_boot(self) -> float:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def cmdline(self) -> str:
         with open("/proc/cmdline") as f:

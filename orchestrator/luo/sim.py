@@ -202,6 +202,8 @@ class SimKernel:
             "liveupdate_number": number,
             "cmdline": cmdline,
             "booted_at": time.time(),
+            # The simulated kernel's clock starts here (see since_boot).
+            "booted_boottime": time.clock_gettime(time.CLOCK_BOOTTIME),
         }
         _write_json(path / "kernel.json", info)
         _write_json(path / "rfc.json", {"state": int(RfcState.NORMAL), "files": {}})
@@ -600,6 +602,11 @@ class SimKernel:
 
     def boot_id(self) -> str:
         return str(self.info()["boot_id"])
+
+    def since_boot(self) -> float:
+        info = self.info()
+        start = float(info.get("booted_boottime", 0.0))
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start
 
     def cmdline(self) -> str:
         return str(self.info()["cmdline"])

@@ -86,6 +86,7 @@ METRIC_NAMES = (
     "liveupdate_state",
     "liveupdate_update_interrupted",
     "liveupdate_last_blackout_seconds",
+    "liveupdate_last_blackout_wall_seconds",
     "liveupdate_last_phase_duration_seconds",
     "liveupdate_last_run_outcome",
     "liveupdate_preserved_fds",
@@ -214,9 +215,19 @@ def _gauges(runs: Sequence[Run]) -> Iterator[Metric]:
     if with_blackout:
         yield GaugeMetricFamily(
             "liveupdate_last_blackout_seconds",
-            "Blackout window of the most recent update that had one",
+            "Blackout window of the most recent update that had one, on the "
+            "kernels' monotonic clocks (the kexec itself not counted)",
             value=with_blackout[-1].blackout_s,
         )
+        wall = with_blackout[-1].blackout_wall_s
+        if wall is not None:
+            yield GaugeMetricFamily(
+                "liveupdate_last_blackout_wall_seconds",
+                "The same blackout on the two kernels' wall clocks: a cross-check "
+                "whose excess over liveupdate_last_blackout_seconds estimates the "
+                "kexec itself",
+                value=wall,
+            )
     with_plugin_blackouts = [r for r in runs if r.plugin_blackouts]
     if with_plugin_blackouts:
         fam = GaugeMetricFamily(

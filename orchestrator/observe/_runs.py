@@ -15,8 +15,12 @@ the monotonic clock restarts with the new kernel. This is the rule
 ``liveupdate status`` follows, so both report the same numbers: the kexec
 "phase" runs from the ``kexec`` record to the new kernel's ``restore``
 ``phase_start``, the blackout from ``blackout_start`` (freeze begins) to
-``blackout_end`` (every workload restored). Timestamps on a time axis are
-always wall clock.
+``blackout_end`` (every workload restored). Except the blackout when the
+``blackout_end`` record has ``mono_s``: the old kernel's monotonic time from
+the freeze to the ``kexec`` record plus the new kernel's boot time at the end
+(no clock jumps, but the kexec itself -- reboot syscall to the new kernel's
+clock start -- is not in it; ``wall_s`` is kept as the cross-check).
+Timestamps on a time axis are always wall clock.
 
 Standard library only; not on the restore path.
 """
@@ -101,7 +105,10 @@ class Run:
     rollbacks: list[Span] = field(default_factory=list)
     retries: list[Retry] = field(default_factory=list)
     blackout: tuple[float, float] | None = None  # wall clock start, end
+    # On the kernels' monotonic clocks (old: freeze -> kexec record; new: its
+    # clock start -> the end), when the journal has them; else the wall clock.
     blackout_s: float | None = None
+    blackout_wall_s: float | None = None  # the wall clocks' figure: a cross-check
     blackout_open: float | None = None  # blackout_start with no end (yet)
     kexec: float | None = None  # wall clock of the reboot syscall
     next_boot: float | None = None  # first record of the new kernel
@@ -288,8 +295,11 @@ def _on_blackout_end(r: _Reader, rec: dict[str, Any]) -> None:
     start = r.blackout_rec
     if start is None:
         return
-    r.run.blackout = (float(start["wall"]), float(rec["wall"]))
-    r.run.blackout_s = elapsed(start, rec)
+    end = float(rec.get("end_wall", rec["wall"]))
+    r.run.blackout = (float(start["wall"]), end)
+    r.run.blackout_wall_s = end - float(start["wall"])
+    mono = rec.get("mono_s")
+    r.run.blackout_s = float(mono) if mono is not None else elapsed(start, rec)
     r.run.blackout_open = None
 
 

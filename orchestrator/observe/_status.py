@@ -37,6 +37,7 @@ class Status:
     steps: list[dict[str, Any]] = field(default_factory=list)
     retries: int = 0
     blackout_s: float | None = None
+    blackout_wall_s: float | None = None
     boots: list[str] = field(default_factory=list)
     liveupdate_number: int | None = None
     interrupted: bool = False  # the last run never ended and nothing runs it
@@ -74,6 +75,11 @@ class Status:
                 f"blackout window (workloads paused -> running again): "
                 f"{self.blackout_s * 1e3:.1f} ms across {len(self.boots)} boots"
             )
+            if self.blackout_wall_s is not None and len(self.boots) > 1:
+                lines.append(
+                    f"  on the monotonic clocks, not counting the kexec itself; "
+                    f"the wall clocks say {self.blackout_wall_s * 1e3:.1f} ms"
+                )
         return "\n".join(lines)
 
 
@@ -107,6 +113,7 @@ def summarize(state_dir: Path) -> Status:
     ]
     status.retries = len(run.retries)
     status.blackout_s = run.blackout_s
+    status.blackout_wall_s = run.blackout_wall_s
     status.boots = list(run.boots)
     status.liveupdate_number = run.liveupdate_number
     return status

@@ -3,7 +3,8 @@
 ``LIVEUPDATE_TEST_CRASH_AT=KIND:N`` makes the process SIGKILL itself right
 after its N-th journal record (``record``), right before its N-th request
 to the keeper (``keeper``: between two kernel calls of the restore), or
-right after sending it, before the answer (``keeper-sent``) -- the crashes
+right after sending it, before the answer (``keeper-sent``), or right after
+the restore path started its N-th workload (``spawn``) -- the crashes
 an operator's host can have, placed exactly. Unset, it costs one
 dictionary look-up per event.
 """

@@ -1,16 +1,19 @@
 """The first thing ``liveupdate resume`` does after a kexec: take the sessions back.
 
 This runs inside the blackout window, so it imports only ``os`` and the kernel
-layer -- not even ``json``, ``typing`` or ``enum``, let alone anyio, pluggy,
-tenacity or YAML. Before the blackout the engine writes a *restore plan* next
-to the journal (``STATE_DIR/restore-plan``, a few ``key value`` lines: the
-run, the boot it was written in, the kernel, the ABI, who owns the restore,
-the sessions); after the kexec :func:`prefetch` reads it, checks that this is
-a new boot, and has the keeper (:mod:`._keeper`) retrieve every session: the
-restore path's first kernel call. The sessions are never held by this
-process alone, so nothing it does afterwards -- or fails to do -- can lose
-them. The engine, imported afterwards, checks the plan against the journal
-(the source of truth) and restores the workloads with the keeper's fds.
+layer -- not even ``typing`` or ``enum``, let alone anyio, pluggy, tenacity or
+YAML. Before the blackout the engine writes a *restore plan* next to the
+journal (``STATE_DIR/restore-plan``, a few ``key value`` lines: the run, the
+boot it was written in, the kernel, the ABI, who owns the restore, the
+sessions, and the built-in restores resolved as spawn actions); after the
+kexec :func:`prefetch` reads it, checks that this is a new boot, and has the
+keeper (:mod:`._keeper`) retrieve every session: the restore path's first
+kernel call. The sessions are never held by this process alone, so nothing
+it does afterwards -- or fails to do -- can lose them. Then it runs the spawn
+actions (:mod:`._fast`, which imports ``json``): the workloads run again
+before anything heavy is loaded. The engine, imported afterwards, checks the
+plan against the journal (the source of truth) and runs the restore phase,
+whose built-in hooks adopt what is already running.
 
 Set ``LIVEUPDATE_EXIT_AFTER=first-kernel-call`` to exit right after that call:
 ``bench/resume_cold_start.py`` measures the cold start with it.
@@ -25,6 +28,8 @@ from orchestrator._compat import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from orchestrator.luo import Kernel
+
     from ._keeper import Keeper
 
 PLAN_FILE = "restore-plan"
@@ -34,7 +39,7 @@ PLAN_MAGIC = "liveupdate-restore-plan 1"
 class Plan:
     """What the engine wrote before the kexec for the restore path to read."""
 
-    __slots__ = ("abi", "boot_id", "kernel", "owner", "run_id", "sessions")
+    __slots__ = ("abi", "boot_id", "kernel", "owner", "restores", "run_id", "sessions")
 
     def __init__(
         self,
@@ -44,6 +49,7 @@ class Plan:
         abi: str,
         sessions: list[str],
         owner: str = "cli",
+        restores: list[str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.boot_id = boot_id
@@ -51,11 +57,14 @@ class Plan:
         self.abi = abi
         self.sessions = sessions
         self.owner = owner  # "cli" (liveupdate resume) or "agent" (the agent resumes)
+        # Spawn actions, one JSON object each, for ``_fast.restore``.
+        self.restores = restores or []
 
     def dump(self) -> str:
         lines = [PLAN_MAGIC, f"run {self.run_id}", f"boot {self.boot_id}"]
         lines += [f"kernel {self.kernel}", f"abi {self.abi}", f"owner {self.owner}"]
         lines += [f"session {name}" for name in self.sessions]
+        lines += [f"restore {action}" for action in self.restores]
         return "\n".join(lines) + "\n"
 
 
@@ -88,10 +97,13 @@ def read_plan(state_dir: str | os.PathLike[str]) -> Plan | None:
         return None
     fields: dict[str, str] = {}
     sessions = []
+    restores = []
     for line in lines[1:]:
         key, _, value = line.partition(" ")
         if key == "session":
             sessions.append(value)
+        elif key == "restore":
+            restores.append(value)
         else:
             fields[key] = value
     try:
@@ -102,16 +114,19 @@ def read_plan(state_dir: str | os.PathLike[str]) -> Plan | None:
             fields["abi"],
             sessions,
             fields.get("owner", "cli"),
+            restores,
         )
     except KeyError:
         return None
 
 
 def remove_plan(state_dir: str | os.PathLike[str]) -> None:
-    try:
-        os.unlink(os.path.join(state_dir, PLAN_FILE))
-    except FileNotFoundError:
-        pass
+    """The run is over: its plan, and what the restore path did, go."""
+    for name in (PLAN_FILE, "restore-fast", "restore-fast.started"):
+        try:
+            os.unlink(os.path.join(state_dir, name))
+        except FileNotFoundError:
+            pass
 
 
 def _option(argv: Sequence[str], name: str) -> str | None:
@@ -148,4 +163,28 @@ def prefetch(argv: Sequence[str]) -> tuple[Plan, Keeper] | None:
     keeper = Keeper.ensure(kernel, state_dir, plan.run_id, plan.abi, plan.sessions)
     if os.environ.get("LIVEUPDATE_EXIT_AFTER") == "first-kernel-call":
         os._exit(0)
+    if plan.owner == "cli" and plan.restores:
+        _restore_first(plan, kernel, keeper, state_dir)
     return plan, keeper
+
+
+def _restore_first(plan: Plan, kernel: Kernel, keeper: Keeper, state_dir: str) -> None:
+    """Start the workloads the engine resolved before the kexec (:mod:`._fast`)."""
+    import json
+
+    from . import _fast
+
+    missing = set(keeper.missing)
+    actions = []
+    for raw in plan.restores:
+        try:
+            action = json.loads(raw)
+        except ValueError:
+            continue  # the engine's restore phase does that step the slow way
+        if (
+            isinstance(action, dict)
+            and action.get("entry", {}).get("session") not in missing
+        ):
+            actions.append(action)
+    if actions and "rfc" not in missing:
+        _fast.restore(kernel, keeper, actions, state_dir, plan.run_id)

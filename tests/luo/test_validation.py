@@ -42,6 +42,9 @@ class CountingKernel:
     def boot_id(self) -> str:
         return self.inner.boot_id()
 
+    def since_boot(self) -> float:
+        return self.inner.since_boot()
+
     def cmdline(self) -> str:
         return self.inner.cmdline()
 

@@ -31,6 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from tests.vm.e2e_blackout import run_blackout
 from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
 from tests.vm.e2e_qemu import run_qemu
@@ -315,6 +316,7 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "engine": run_engine,
     "contract": run_contract,
     "cancel": run_cancel,
+    "blackout": run_blackout,
     "qemu": run_qemu,
 }
 #: Run only when named (``--only NAME``), never by default.
@@ -364,6 +366,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=4,
         metavar="N",
         help="engine: number of workloads sharing --mib (default 4)",
+    )
+    p.add_argument(
+        "--blackout-rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="blackout: floor/orchestrator turns in one VM run (default 3)",
+    )
+    p.add_argument(
+        "--blackout-mib",
+        type=int,
+        default=64,
+        metavar="M",
+        help="blackout: MiB of each of the --engine-workloads stores (default 64)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per QEMU run (s)")
     p.add_argument("--accel", choices=["tcg", "kvm"], default=None)

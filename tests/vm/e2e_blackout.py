@@ -1,0 +1,176 @@
+"""Scenario ``blackout``: the floor and the orchestrator, in turns, in one VM run.
+
+One VM boots 2 x ROUNDS + 1 kernels (:mod:`tests.vm.blackout_guest`): the
+floor client and ``liveupdate run``/``resume`` take turns updating the same
+demo stores, ROUNDS times each, so that every comparison has the same kernel,
+the same workloads and the same host load. The blackout of each side is read
+on the same clocks (old kernel's monotonic + new kernel's boot time); the
+table gives each round, the median and the spread.
+
+What is asserted is what must always hold, never a speed: every byte came
+back each time; the orchestrator's blackout is journaled on both clocks and
+ended by the restore path; its restores overlapped in time; the window ended
+before FINISH; and the journal's figure agrees with the host's serial clock
+once the part no guest clock sees (the kexec itself, measured on the serial
+console: the old kernel's ``kexec`` record to the new kernel's printk zero)
+is added.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from tests.vm.harness import Scenario, Stage, python_argv, run_scenario, venv_python
+from tests.vm.report import PRINTK_TIME, host_t, kexec_lines, section
+
+if TYPE_CHECKING:
+    import argparse
+
+    from tests.vm.harness import Result
+    from tests.vm.kernel import Kernel
+
+GUEST = ("-S", "-m", "tests.vm.blackout_guest")
+SERIAL_TOLERANCE = 0.3
+"""Seconds: serial latency and the guest-to-host clock mapping's error."""
+
+
+def blackout_scenario(rounds: int, count: int, mib: int, timeout: float) -> Scenario:
+    env = {"BLACKOUT_COUNT": str(count), "BLACKOUT_MIB": str(mib)}
+    liveupdate = venv_python().rsplit("/", 1)[0] + "/liveupdate"
+    stages = [Stage("b1", python_argv(*GUEST, "setup", "floor-pre:1"), env)]
+    for k in range(1, rounds + 1):
+        stages.append(
+            Stage(
+                f"b{2 * k}",
+                python_argv(*GUEST, f"floor-post:{k}", f"orch-pre:{k}"),
+                env,
+            )
+        )
+        after = [f"orch-post:{k}"] + ([f"floor-pre:{k + 1}"] if k < rounds else [])
+        # The boot unit's command, first thing in the boot, as its own process.
+        script = (
+            f'{liveupdate} resume "$LUO_VM_OUT/blackout-playbook.yaml" '
+            f'--state-dir "$LUO_VM_OUT/blackout-state"; '
+            f"exec {venv_python()} {' '.join(GUEST)} {' '.join(after)}"
+        )
+        stages.append(Stage(f"b{2 * k + 1}", ("/bin/sh", "-c", script), env))
+    return Scenario("blackout", tuple(stages), memory="3G", timeout=timeout)
+
+
+def _new_kernel_zero(result: Result, t_reboot: float) -> float | None:
+    """Host time of the new kernel's clock start: the earliest (host time -
+    printk time) of its console lines up to its init (printk's clock and
+    CLOCK_BOOTTIME both start at the kernel's first instants)."""
+    _, first_new, exec_init = kexec_lines(result, t_reboot)
+    if first_new is None:
+        return None
+    end = exec_init.t if exec_init else first_new.t + 120
+    zeros = []
+    for ln in result.serial:
+        if first_new.t <= ln.t <= end and ln.source == "serial":
+            m = PRINTK_TIME.match(ln.text)
+            if m:
+                zeros.append(ln.t - float(m.group(1)))
+    return min(zeros) if zeros else None
+
+
+def _check_orch(result: Result, k: int, orch: dict[str, Any]) -> list[str]:
+    fails = []
+    end = orch.get("blackout_end") or {}
+    if orch.get("outcome") != "completed":
+        fails.append(f"orchestrator round {k}: outcome {orch.get('outcome')}")
+    fails += [
+        f"orchestrator round {k}: blackout_end has no {key}"
+        for key in ("mono_s", "wall_s", "old_s", "new_s")
+        if not isinstance(end.get(key), float)
+    ]
+    if end.get("ended_by") != "restore-path":
+        fails.append(f"orchestrator round {k}: blackout ended by {end.get('ended_by')}")
+    finish = orch.get("finish_start_wall")
+    if finish is None or end.get("end_wall", finish + 1) > finish:
+        fails.append(f"orchestrator round {k}: the window did not end before FINISH")
+    actions = (orch.get("restore_path") or {}).get("actions") or []
+    starts = [a["started"] for a in actions if a.get("started")]
+    readies = [a["ready"] for a in actions if a.get("ready")]
+    if len(actions) < 2 or len(readies) != len(actions):
+        fails.append(f"orchestrator round {k}: restore path incomplete: {actions}")
+    elif max(starts) >= min(readies):
+        fails.append(f"orchestrator round {k}: restores did not overlap: {actions}")
+    return fails
+
+
+def _serial_check(
+    result: Result, k: int, orch: dict[str, Any]
+) -> tuple[str, list[str]]:
+    """The journal's blackout against the host's serial clock."""
+    end = orch.get("blackout_end") or {}
+    old_boot, new_boot = 2 * k, 2 * k + 1
+    t0 = host_t(result, old_boot, orch.get("blackout_start_wall") or 0.0)
+    t_kexec = host_t(result, old_boot, orch.get("kexec_wall") or 0.0)
+    t1 = host_t(result, new_boot, end.get("end_wall") or 0.0)
+    if t0 is None or t1 is None or t_kexec is None or "mono_s" not in end:
+        return "  (no serial cross-check: marks missing)", []
+    zero = _new_kernel_zero(result, t_kexec)
+    if zero is None:
+        return "  (no serial cross-check: new kernel's console not seen)", []
+    serial = t1 - t0
+    unseen = zero - t_kexec
+    diff = serial - (float(end["mono_s"]) + unseen)
+    line = (
+        f"  round {k}: serial {serial:8.3f} s = journal {end['mono_s']:8.3f} s + "
+        f"unseen (kexec record -> new kernel's clock) {unseen:6.3f} s "
+        f"{diff:+.3f} s; wall clocks {end.get('wall_s', 0):8.3f} s"
+    )
+    fails = []
+    if abs(diff) > SERIAL_TOLERANCE:
+        fails.append(
+            f"orchestrator round {k}: journal {end['mono_s']:.3f} s + unseen "
+            f"{unseen:.3f} s differs from the serial clock's {serial:.3f} s by more "
+            f"than {SERIAL_TOLERANCE} s"
+        )
+    return line, fails
+
+
+def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
+    rounds = args.blackout_rounds
+    count = args.engine_workloads
+    mib = args.blackout_mib
+    sc = blackout_scenario(rounds, count, mib, max(args.timeout, 600.0 * rounds))
+    result = run_scenario(sc, kernel, echo=not args.quiet, accel=args.accel)
+    failures = list(result.failures())
+    section(f"blackout: floor vs orchestrator, {rounds} rounds, {count} x {mib} MiB")
+    rows, serial_lines = [], []
+    for k in range(1, rounds + 1):
+        floor = result.read_json(f"floor-{k}.json")
+        orch = result.read_json(f"orch-{k}.json")
+        if floor is None or orch is None:
+            failures.append(f"round {k}: no result (floor {floor is not None})")
+            continue
+        for side, data in (("floor", floor), ("orchestrator", orch)):
+            sums = data.get("sums_ok")
+            if not isinstance(sums, dict) or not sums or not all(sums.values()):
+                failures.append(f"{side} round {k}: data differs: {sums}")
+        failures += _check_orch(result, k, orch)
+        line, fails = _serial_check(result, k, orch)
+        serial_lines.append(line)
+        failures += fails
+        f_s = float(str(floor["mono_s"]))
+        end: dict[str, Any] = orch.get("blackout_end") or {}  # type: ignore[assignment]
+        o_s = float(end.get("mono_s", "nan"))
+        rows.append((k, f_s, o_s, (o_s - f_s) / f_s * 100))
+    print(f"  {'round':>5} {'floor s':>9} {'orch. s':>9} {'over %':>8}")
+    for k, f_s, o_s, pct in rows:
+        print(f"  {k:>5} {f_s:9.3f} {o_s:9.3f} {pct:+7.1f}%")
+    if rows:
+        pcts = [r[3] for r in rows]
+        print(
+            f"  median {statistics.median(r[1] for r in rows):9.3f} "
+            f"{statistics.median(r[2] for r in rows):9.3f} "
+            f"{statistics.median(pcts):+7.1f}%  (spread {min(pcts):+.1f} .. "
+            f"{max(pcts):+.1f} %; target <= +10 %)"
+        )
+    section("blackout: the journal against the host's serial clock")
+    for line in serial_lines:
+        print(line)
+    return failures
