@@ -11,7 +11,7 @@ import sys
 
 MODULES = ["bench.engine_steps", "bench.resume_cold_start"]
 if "--no-vm" not in sys.argv[1:]:
-    MODULES.append("bench.luo_overhead")
+    MODULES += ["bench.luo_overhead", "bench.scale"]
 for module in MODULES:
     print(f"== {module}", flush=True)
     subprocess.run([sys.executable, "-m", module], check=True)

@@ -1,11 +1,31 @@
-"""Workloads that keep their state in a memfd: the demo's plugin.
+"""Workloads that keep their state in a memfd: the demo's plugin, and any process
+that publishes itself the same way.
 
 ``liveupdate demo`` and ``playbooks/demo.yaml`` use it, with the demo
-key-value stores (:mod:`orchestrator.demo`) as workloads. Each workload publishes ``REGISTRY/<name>.json`` (pid, memfd fd number, size,
-SHA-256). quiesce checks they answer; preserve takes each memfd through
-``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP: the
-blackout starts); after the kexec, restore starts each again on its retrieved
-memfd and checks the data's SHA-256 against the one recorded before.
+key-value stores (:mod:`orchestrator.demo`) as workloads. Each workload
+publishes ``REGISTRY/<name>.json``: ``name``, ``pid``, ``fd`` (the memfd's fd
+number in that process) and optionally
+
+- ``socket``: a Unix socket answering ``PING`` and ``SUM`` (the demo stores'
+  protocol); without one, the plugin checks the process runs and hashes the
+  file itself;
+- ``sha256``: the data's SHA-256, if the workload knows it;
+- ``session``: a group name: the workloads of one group share a LUO session
+  of their own (``lu-workloads.<group>``, e.g. one per VM) instead of the
+  plugin's;
+- ``restart``: ``{"argv": [...], "fd_arg": "--memfd"}``, the command that
+  starts it again on its file (the fd number is appended after ``fd_arg``);
+  it prints the pid of the process that will serve and exits, and that
+  process publishes itself. Default: the demo store's own command.
+
+``session`` and ``restart`` may also be kept apart in ``REGISTRY/<name>.spec.json``
+(the workload need not republish them); the plugin writes that file back
+after a restore. quiesce checks they answer; preserve takes each memfd
+through ``/proc/PID/fd/N`` and preserves it; freeze pauses them (SIGSTOP:
+the blackout starts); after the kexec, restore starts each again on its
+retrieved memfd -- usually the restore path already did, before the engine
+was loaded (:meth:`WorkloadsPlugin.lu_restore_plan`) -- and finish checks the
+data's SHA-256 against the one recorded before.
 
 Options (``with:``): see :data:`OPTIONS`; ``count`` and ``size_mib`` are read
 by ``liveupdate demo`` only (from the first quiesce step), to start the
@@ -16,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +113,84 @@ def _serving(registry: Path, name: str, fd: int) -> dict[str, Any] | None:
     return info if _running(int(info["pid"])) else None
 
 
+def _entries(registry: Path) -> list[dict[str, Any]]:
+    """The published workloads, each with its spec file's fields merged in."""
+    entries = []
+    for path in sorted(registry.glob("*.json")):
+        if path.name.endswith(".spec.json"):
+            continue
+        info: dict[str, Any] = json.loads(path.read_text())
+        spec = registry / f"{info['name']}.spec.json"
+        if spec.exists():
+            for key, value in json.loads(spec.read_text()).items():
+                info.setdefault(key, value)
+        entries.append(info)
+    return entries
+
+
+def _write_spec(registry: Path, info: dict[str, Any]) -> None:
+    spec = {k: info[k] for k in ("session", "restart") if info.get(k) is not None}
+    if spec:
+        tmp = registry / f".{info['name']}.spec.json.tmp"
+        tmp.write_text(json.dumps(spec))
+        tmp.replace(registry / f"{info['name']}.spec.json")
+
+
+def _restart(registry: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """The command that starts workload *info* again, and its fd option."""
+    restart = info.get("restart")
+    if restart is None:
+        return {"argv": launch_argv(registry, info["name"]), "fd_arg": "--memfd"}
+    return {"argv": [str(a) for a in restart["argv"]], "fd_arg": str(restart["fd_arg"])}
+
+
+def _start(registry: Path, info: dict[str, Any], kernel_spec: str, fd: int) -> int:
+    """Start workload *info* on *fd* with its restart command; the serving pid."""
+    if info.get("restart") is None:
+        return launch(registry, info["name"], 0, kernel_spec, fd)
+    cmd = _restart(registry, info)
+    registry.mkdir(parents=True, exist_ok=True)
+    with open(registry / f"{info['name']}.log", "ab") as log:
+        done = subprocess.run(
+            [*cmd["argv"], cmd["fd_arg"], str(fd)],
+            pass_fds=(fd,),
+            check=False,
+            env={**os.environ, "LIVEUPDATE_KERNEL": kernel_spec},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            timeout=60,
+        )
+    try:
+        if done.returncode == 0:
+            return int(done.stdout)
+    except ValueError:
+        pass
+    raise WorkloadError(
+        f"workload {info['name']!r} failed to start (see {registry / info['name']}.log)"
+    )
+
+
+def _sum(info: dict[str, Any], fd: int) -> str:
+    """SHA-256 of the workload's data: asked of it if it has a socket (it must
+    serve it), else read from its file."""
+    if info.get("socket"):
+        return ask(info["socket"], "SUM", timeout=600.0)
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
 def _alive(info: dict[str, Any]) -> None:
+    if not info.get("socket"):
+        if not _running(int(info["pid"])):
+            raise WorkloadError(
+                f"workload {info['name']!r} (pid {info['pid']}) is not running"
+            )
+        return
     try:
         reply = ask(info["socket"], "PING", timeout=5)
     except OSError as exc:
@@ -121,17 +220,11 @@ class WorkloadsPlugin:
     @hookimpl
     async def lu_quiesce(self, ctx: StepContext) -> None:
         registry = _registry(ctx)
-        entries = [json.loads(p.read_text()) for p in sorted(registry.glob("*.json"))]
+        entries = _entries(registry)
         if not entries:
             raise WorkloadError(f"no workloads registered in {registry}")
         for info in entries:
             await anyio.to_thread.run_sync(_alive, info)
-            if info.get("sha256") is None:
-                # Restored by a previous update: it serves without having
-                # hashed its data. What it holds now is what must come back.
-                info["sha256"] = await anyio.to_thread.run_sync(
-                    ask, info["socket"], "SUM", 600.0
-                )
             if info["name"] not in self._held:
                 try:
                     path = f"/proc/{info['pid']}/fd/{info['fd']}"
@@ -140,6 +233,13 @@ class WorkloadsPlugin:
                     raise WorkloadError(
                         f"cannot reach the memfd of workload {info['name']!r}: {exc.strerror}"
                     ) from exc
+            if info.get("sha256") is None:
+                # Restored by a previous update (it serves without having
+                # hashed its data), or it never says: what it holds now is
+                # what must come back.
+                held = self._held[info["name"]]
+                info["sha256"] = await anyio.to_thread.run_sync(_sum, info, held)
+            info.setdefault("size", os.fstat(self._held[info["name"]]).st_size)
         ctx.record("workloads", entries)
 
     @hookimpl
@@ -162,11 +262,12 @@ class WorkloadsPlugin:
                 ctx.log.warning(
                     "workload %s died during the update; restarting it", info["name"]
                 )
-                pid = launch(registry, info["name"], 0, ctx.kernel.spec, held)
+                start = functools.partial(_start, registry, info, ctx.kernel.spec, held)
+                pid = await anyio.to_thread.run_sync(start)
                 new = await anyio.to_thread.run_sync(
                     wait_published, registry, info["name"], pid
                 )
-                now = await anyio.to_thread.run_sync(ask, new["socket"], "SUM", 600.0)
+                now = await anyio.to_thread.run_sync(_sum, new, held)
                 if now != info["sha256"]:
                     raise WorkloadError(
                         f"workload {info['name']!r} restarted with other data"
@@ -177,7 +278,9 @@ class WorkloadsPlugin:
     @hookimpl
     async def lu_preserve(self, ctx: StepContext) -> None:
         for info in ctx.recorded("workloads", []):
-            await ctx.preserve(info["name"], self._held[info["name"]])
+            await ctx.preserve(
+                info["name"], self._held[info["name"]], session=info.get("session")
+            )
 
     @hookimpl
     async def lu_freeze(self, ctx: StepContext) -> None:
@@ -214,8 +317,7 @@ class WorkloadsPlugin:
             {
                 "key": info["name"],
                 "entry": ctx.preserved(info["name"]),
-                "argv": launch_argv(registry, info["name"]),
-                "fd_arg": "--memfd",
+                **_restart(registry, info),
                 "env": {"LIVEUPDATE_KERNEL": ctx.kernel.spec},
                 "log": str(registry / f"{info['name']}.log"),
                 "published": str(registry / f"{info['name']}.json"),
@@ -240,7 +342,7 @@ class WorkloadsPlugin:
                     restored[info["name"]] = running
                     return
                 start = functools.partial(
-                    launch, registry, info["name"], 0, ctx.kernel.spec, fd.fileno()
+                    _start, registry, info, ctx.kernel.spec, fd.fileno()
                 )
                 pid = await anyio.to_thread.run_sync(start)
             restored[info["name"]] = await anyio.to_thread.run_sync(
@@ -251,6 +353,8 @@ class WorkloadsPlugin:
         async with anyio.create_task_group() as tg:
             for info in workloads:
                 tg.start_soon(restart, info)
+        for info in workloads:  # for the next update, whatever they republished
+            _write_spec(registry, info)
         ctx.record("restored", [restored[info["name"]] for info in workloads])
 
     @hookimpl
@@ -259,9 +363,11 @@ class WorkloadsPlugin:
         before the kexec."""
         before = {info["name"]: info for info in ctx.recorded("workloads", [])}
         for info in ctx.recorded("restored", []):
-            now = await anyio.to_thread.run_sync(ask, info["socket"], "SUM", 600.0)
+            with await ctx.retrieve(info["name"]) as fd:
+                now = await anyio.to_thread.run_sync(_sum, info, fd.fileno())
+                size = os.fstat(fd.fileno()).st_size
             old = before[info["name"]]
-            if now != old["sha256"] or info["size"] != old["size"]:
+            if now != old["sha256"] or size != old["size"]:
                 raise WorkloadError(
                     f"workload {info['name']!r}: data differs after the kexec "
                     f"(sha256 {now[:12]} != {old['sha256'][:12]})"

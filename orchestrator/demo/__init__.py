@@ -31,6 +31,8 @@ else:
 __all__ = [
     "WorkloadError",
     "ask",
+    "hold",
+    "holder_argv",
     "launch",
     "launch_argv",
     "running",
@@ -98,3 +100,43 @@ def wait_published(
     raise WorkloadError(
         f"workload {name!r} (pid {pid}) did not start within {timeout:g} s"
     )
+
+
+_HOLDER = (
+    "sleep infinity >/dev/null 2>&1 & pid=$!\n"
+    'tmp="$2/.$1.json.tmp"\n'
+    'printf \'{"name": "%s", "pid": %d, "fd": %d, "session": "%s"}\\n\' '
+    '"$1" "$pid" "$5" "$3" > "$tmp" && mv "$tmp" "$2/$1.json" && echo "$pid"\n'
+)
+
+
+def holder_argv(registry: Path, name: str, session: str) -> list[str]:
+    """The command of a *holder*: the lightest workload there is, a ``sleep``
+    that keeps a memfd open (``--memfd N`` appended) and publishes itself
+    without a socket -- for updates at scale (``bench.scale``)."""
+    return ["/bin/sh", "-c", _HOLDER, "holder", name, str(registry), session]
+
+
+def hold(registry: Path, name: str, memfd: int, session: str) -> int:
+    """Start a holder of *memfd* in group *session*; its pid once published.
+
+    Its ``REGISTRY/<name>.spec.json`` names its group and restart command, so
+    the ``workloads`` plugin preserves it in that group's session and starts
+    it again after the kexec.
+    """
+    registry.mkdir(parents=True, exist_ok=True)
+    restart = {"argv": holder_argv(registry, name, session), "fd_arg": "--memfd"}
+    (registry / f"{name}.spec.json").write_text(
+        json.dumps({"session": session, "restart": restart})
+    )
+    done = subprocess.run(
+        [*restart["argv"], "--memfd", str(memfd)],
+        pass_fds=(memfd,),
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        timeout=60,
+    )
+    pid = int(done.stdout)
+    wait_published(registry, name, pid)
+    return pid

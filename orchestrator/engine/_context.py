@@ -73,16 +73,20 @@ class StepContext:
     def recorded(self, key: str, default: Any = None) -> Any:
         return self.run.records.get(self.step.plugin, {}).get(key, default)
 
-    async def preserve(self, key: str, fd: int) -> None:
+    async def preserve(self, key: str, fd: int, *, session: str | None = None) -> None:
         """Preserve *fd* across the kexec under *key* (unique for this plugin).
 
+        :param session: keep it with the other files of this group in a
+            session of their own (one per VM, say) rather than in the
+            plugin's; the kernel limits a session name to 63 bytes.
         :raises UnsupportedFileError: this kernel cannot preserve that kind of file.
+        :raises InvalidArgumentError: the session name is too long.
         """
         preserver = self.run.preserver
         if preserver is None:
             raise RuntimeError("fds can only be preserved in the preserve phase")
         entry = await anyio.to_thread.run_sync(
-            preserver.preserve, self.step.plugin, key, fd
+            preserver.preserve, self.step.plugin, key, fd, session
         )
         self.run.manifest.setdefault(self.step.plugin, {})[key] = entry
 

@@ -771,7 +771,9 @@ class _DeadSessions:
             if "session" not in e
         ]
 
-    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
+    def preserve(
+        self, owner: str, key: str, fd: int, group: str | None = None
+    ) -> dict[str, Any]:
         raise RuntimeError("cannot preserve while cancelling")
 
     def prepare(self) -> None:

@@ -1,8 +1,9 @@
 """Preserving fds through either ABI behind one interface.
 
 Plugins say *what* to keep (``ctx.preserve("kv0", fd)``); this module decides
-*how*: on the merged ABI one session per plugin (``lu-<plugin>``), tokens
-counted from 1; on the RFC ABI global tokens. The manifest -- which key went
+*how*: on the merged ABI one session per plugin (``lu-<plugin>``), or per
+group of files a plugin names (``lu-<plugin>.<group>``), tokens counted
+from 1; on the RFC ABI global tokens. The manifest -- which key went
 where -- is journaled, and after the kexec it is all that is needed to take
 every fd back.
 """
@@ -35,8 +36,14 @@ def _abi_of(kernel: Kernel) -> str:
 class Preserver(Protocol):
     abi: str
 
-    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
-        """Preserve *fd*; return the manifest entry that finds it after the kexec."""
+    def preserve(
+        self, owner: str, key: str, fd: int, group: str | None = None
+    ) -> dict[str, Any]:
+        """Preserve *fd*; return the manifest entry that finds it after the kexec.
+
+        *group* puts it in a session of its own with the other files of that
+        group (merged ABI: ``lu-<owner>.<group>``), e.g. one per VM.
+        """
 
     def prepare(self) -> None: ...
     def cancel(self) -> None: ...
@@ -53,13 +60,16 @@ class MergedPreserver:
         self.sessions: dict[str, Session] = {}
         self._dev: LiveUpdateDevice | None = None
 
-    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
-        session = self.sessions.get(owner)
+    def preserve(
+        self, owner: str, key: str, fd: int, group: str | None = None
+    ) -> dict[str, Any]:
+        name = SESSION_PREFIX + owner + ("" if group is None else f".{group}")
+        session = self.sessions.get(name)
         if session is None:
             if self._dev is None:
                 self._dev = LiveUpdateDevice.open(self.kernel)
-            session = self._dev.create_session(SESSION_PREFIX + owner)
-            self.sessions[owner] = session
+            session = self._dev.create_session(name)
+            self.sessions[name] = session
         token = len(session.tokens) + 1
         session.preserve_fd(fd, token)
         return {"session": session.name, "token": token}
@@ -93,7 +103,9 @@ class RfcPreserver:
         self.dev = RfcDevice.open(kernel)
         self.tokens: list[int] = []
 
-    def preserve(self, owner: str, key: str, fd: int) -> dict[str, Any]:
+    def preserve(
+        self, owner: str, key: str, fd: int, group: str | None = None
+    ) -> dict[str, Any]:
         token = int.from_bytes(os.urandom(8), "little") >> 1
         self.dev.preserve_fd(fd, token)
         self.tokens.append(token)

@@ -289,6 +289,12 @@ def restore(
         ],
     }
     _write(os.path.join(state_dir, RESULT_FILE), result)
+    ok = len(started) - sum(1 for s in started if s.error is not None)
+    os.write(
+        2,
+        f"liveupdate: restore path: {ok} of {len(started)} workloads running again, "
+        f"{end['boottime']:.3f} s after this kernel started\n".encode(),
+    )
     return result
 
 

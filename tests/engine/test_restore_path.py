@@ -13,13 +13,18 @@ journaled on both clocks.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.demo import hold
+from orchestrator.luo.sim import SimKernel
 from orchestrator.restore._fast import RESULT_FILE
 from orchestrator.restore._resume import read_plan
 from tests.engine.conftest import Host, events
@@ -168,3 +173,53 @@ def test_the_blackout_is_journaled_on_both_clocks(host: Host) -> None:
     status = host.status()
     assert status["blackout_s"] == end["mono_s"]
     assert abs(status["blackout_wall_s"] - end["wall_s"]) < 1e-5
+
+
+def test_workloads_without_sockets_in_sessions_of_their_own(tmp_path: Path) -> None:
+    """Holders (a ``sleep`` keeping a memfd: no socket, their own restart
+    command) in three groups: each group's files go into a session of their
+    own, the restore path starts them again with their command, and the
+    plugin checks their data itself."""
+    state = tmp_path / "state"
+    kernel = SimKernel(state / "kernel")
+    registry = state / "workloads"
+    sums: dict[str, str] = {}
+    old: list[int] = []
+    try:
+        for g in range(3):
+            for i in range(2):
+                name = f"vm{g}-ram{i}"
+                fd = os.memfd_create(name)
+                data = os.urandom(65536 + 4096 * g + i)
+                os.write(fd, data)
+                sums[name] = hashlib.sha256(data).hexdigest()
+                old.append(hold(registry, name, fd, f"vm{g}"))
+                os.close(fd)
+        host = Host(state, kernel, registry, {}, {})
+        book = _run(host)
+        for pid in old:  # the kexec ends every process (the simulator does not)
+            os.kill(pid, signal.SIGKILL)
+        done = host.resume(book)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert host.status()["outcome"] == "completed"
+        manifest = next(
+            r["manifest"] for r in events(host, "step_end") if r.get("manifest")
+        )
+        assert {e["session"] for e in manifest.values()} == {
+            "lu-workloads.vm0",
+            "lu-workloads.vm1",
+            "lu-workloads.vm2",
+        }
+        assert events(host, "blackout_end")[-1]["ended_by"] == "restore-path"
+        for name, checksum in sums.items():
+            info = json.loads((registry / f"{name}.json").read_text())
+            assert info["pid"] not in old
+            with open(f"/proc/{info['pid']}/fd/{info['fd']}", "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == checksum, name
+    finally:
+        for entry in registry.glob("*.json"):
+            with contextlib.suppress(ProcessLookupError, KeyError, ValueError):
+                os.kill(int(json.loads(entry.read_text())["pid"]), signal.SIGKILL)
+        for pid in kernel.participants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -92,25 +92,6 @@ def setup(count: int, mib: int) -> None:
         pid = launch(REGISTRY, f"kv{i}", mib, "real")
         infos.append(dict(wait_published(REGISTRY, f"kv{i}", pid, timeout=600)))
     guest.write_json(OUT / "blackout-setup.json", {"workloads": infos, "mib": mib})
-    image, cmdline = os.environ["LUO_VM_KERNEL"], os.environ["LUO_VM_NEXT_CMDLINE"]
-    ws = {"plugin": "workloads", "with": {"registry": str(REGISTRY)}}
-    playbook = {
-        "name": "vm-blackout",
-        "kernel": "real",
-        "state_dir": str(STATE),
-        "next_kernel": {"image": image, "cmdline": cmdline},
-        "blackout_budget": "120s",
-        "defaults": {"timeout": "600s", "retry": {"attempts": 1}},
-        "phases": {
-            "quiesce": {"steps": [ws]},
-            "preserve": {"steps": [ws]},
-            "prepare": {"steps": [{"plugin": "kexec"}]},
-            "freeze": {"steps": [ws]},
-            "restore": {"steps": [ws]},
-            "finish": {"steps": [ws]},
-        },
-    }
-    PLAYBOOK.write_text(json.dumps(playbook, indent=2) + "\n")
     guest.mark("blackout.setup", count=count, mib=mib)
 
 
@@ -195,9 +176,33 @@ def floor_post(k: int) -> None:
     print(f"floor round {k}: blackout {result['mono_s']:.3f} s (monotonic)", flush=True)
 
 
+def write_playbook() -> None:
+    """This boot's playbook: the next kernel boots the next stage."""
+    image, cmdline = os.environ["LUO_VM_KERNEL"], os.environ["LUO_VM_NEXT_CMDLINE"]
+    ws = {"plugin": "workloads", "with": {"registry": str(REGISTRY)}}
+    playbook = {
+        "name": "vm-blackout",
+        "kernel": "real",
+        "state_dir": str(STATE),
+        "next_kernel": {"image": image, "cmdline": cmdline},
+        "blackout_budget": "120s",
+        "defaults": {"timeout": "600s", "retry": {"attempts": 1}},
+        "phases": {
+            "quiesce": {"steps": [ws]},
+            "preserve": {"steps": [ws]},
+            "prepare": {"steps": [{"plugin": "kexec"}]},
+            "freeze": {"steps": [ws]},
+            "restore": {"steps": [ws]},
+            "finish": {"steps": [ws]},
+        },
+    }
+    PLAYBOOK.write_text(json.dumps(playbook, indent=2) + "\n")
+
+
 def orch_pre(k: int) -> None:
     import subprocess
 
+    write_playbook()
     exe = os.path.join(os.path.dirname(sys.executable), "liveupdate")
     guest.mark(f"orch.{k}.run")
     done = subprocess.run(

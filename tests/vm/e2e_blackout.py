@@ -22,7 +22,7 @@ import statistics
 from typing import TYPE_CHECKING, Any
 
 from tests.vm.harness import Scenario, Stage, python_argv, run_scenario, venv_python
-from tests.vm.report import PRINTK_TIME, host_t, kexec_lines, section
+from tests.vm.report import PRINTK_TIME, kexec_lines, section
 
 if TYPE_CHECKING:
     import argparse
@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 
 GUEST = ("-S", "-m", "tests.vm.blackout_guest")
 SERIAL_TOLERANCE = 0.3
-"""Seconds: serial latency and the guest-to-host clock mapping's error."""
+"""Seconds: the serial console's latency (a line waits for the ones before it)."""
+SERIAL_RATE = 0.02
+"""And a share of the span: under TCG the guest's clocks run up to ~2 % off the
+host's (measured: the table prints the difference of each round)."""
 
 
 def blackout_scenario(rounds: int, count: int, mib: int, timeout: float) -> Scenario:
@@ -103,31 +106,44 @@ def _check_orch(result: Result, k: int, orch: dict[str, Any]) -> list[str]:
 def _serial_check(
     result: Result, k: int, orch: dict[str, Any]
 ) -> tuple[str, list[str]]:
-    """The journal's blackout against the host's serial clock."""
+    """The journal's blackout against the host's serial clock.
+
+    The host stamps each console line when it arrives: the run's ``> freeze``
+    line (printed right after the ``blackout_start`` record), its ``> kexec``
+    line (right after the ``kexec`` record) and the restore path's last line
+    ("restore path: N of N workloads running again") bound the blackout as
+    the host saw it, with no guest clock involved. The unseen part is the
+    ``> kexec`` line to the new kernel's clock start (its printk zero).
+    """
     end = orch.get("blackout_end") or {}
-    old_boot, new_boot = 2 * k, 2 * k + 1
-    t0 = host_t(result, old_boot, orch.get("blackout_start_wall") or 0.0)
-    t_kexec = host_t(result, old_boot, orch.get("kexec_wall") or 0.0)
-    t1 = host_t(result, new_boot, end.get("end_wall") or 0.0)
-    if t0 is None or t1 is None or t_kexec is None or "mono_s" not in end:
-        return "  (no serial cross-check: marks missing)", []
-    zero = _new_kernel_zero(result, t_kexec)
+    freeze = [ln for ln in result.serial if "> freeze" in ln.text]
+    jump = [ln for ln in result.serial if "> kexec: jumping" in ln.text]
+    done = [ln for ln in result.serial if "restore path:" in ln.text]
+    if min(len(freeze), len(jump), len(done)) < k or "mono_s" not in end:
+        return f"  round {k}: (no serial cross-check: console lines missing)", []
+    # Round k is the k-th update of this run.
+    t0, t_jump, t1 = freeze[k - 1].t, jump[k - 1].t, done[k - 1].t
+    zero = _new_kernel_zero(result, t_jump)
     if zero is None:
-        return "  (no serial cross-check: new kernel's console not seen)", []
+        return (
+            f"  round {k}: (no serial cross-check: new kernel's console not seen)",
+            [],
+        )
     serial = t1 - t0
-    unseen = zero - t_kexec
+    unseen = zero - t_jump
     diff = serial - (float(end["mono_s"]) + unseen)
+    tolerance = SERIAL_TOLERANCE + SERIAL_RATE * serial
     line = (
         f"  round {k}: serial {serial:8.3f} s = journal {end['mono_s']:8.3f} s + "
-        f"unseen (kexec record -> new kernel's clock) {unseen:6.3f} s "
-        f"{diff:+.3f} s; wall clocks {end.get('wall_s', 0):8.3f} s"
+        f"unseen (kexec -> new kernel's clock) {unseen:6.3f} s {diff:+.3f} s "
+        f"(bound {tolerance:.3f}); wall clocks {end.get('wall_s', 0):8.3f} s"
     )
     fails = []
-    if abs(diff) > SERIAL_TOLERANCE:
+    if abs(diff) > tolerance or unseen < 0:
         fails.append(
             f"orchestrator round {k}: journal {end['mono_s']:.3f} s + unseen "
             f"{unseen:.3f} s differs from the serial clock's {serial:.3f} s by more "
-            f"than {SERIAL_TOLERANCE} s"
+            f"than {tolerance:.3f} s"
         )
     return line, fails
 
