@@ -78,6 +78,15 @@ def imported_by_first_kernel_call(state: Path, book: Path) -> list[str]:
     return modules
 
 
+def release(state: Path) -> None:
+    """Let go of the keeper the measured resume left holding the sessions."""
+    from orchestrator.restore._keeper import Keeper
+
+    keeper = Keeper.connect(state)
+    if keeper is not None:
+        keeper.finish()
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -86,6 +95,7 @@ def main() -> int:
         shutil.copytree(snapshot, state, symlinks=True)
         modules = imported_by_first_kernel_call(state, book)
         exported = (state / "liveupdate.prom").exists()
+        release(state)
     stdlib = [m for m in modules if m.split(".")[0] in sys.stdlib_module_names]
     ours = [m for m in modules if m.split(".")[0] in ("orchestrator", "plugins")]
     other = [m for m in modules if m not in stdlib and m not in ours]

@@ -103,10 +103,11 @@ def wait_published(
 
 
 _HOLDER = (
-    "sleep infinity >/dev/null 2>&1 & pid=$!\n"
-    'tmp="$2/.$1.json.tmp"\n'
+    # Written in place (no rename: one process less): a reader that finds it
+    # half-written reads it again, as for any other workload.
+    'sleep infinity >/dev/null 2>&1 & pid=$!\n'
     'printf \'{"name": "%s", "pid": %d, "fd": %d, "session": "%s"}\\n\' '
-    '"$1" "$pid" "$5" "$3" > "$tmp" && mv "$tmp" "$2/$1.json" && echo "$pid"\n'
+    '"$1" "$pid" "$5" "$3" > "$2/$1.json" && echo "$pid"\n'
 )
 
 
