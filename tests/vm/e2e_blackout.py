@@ -148,6 +148,38 @@ def _serial_check(
     return line, fails
 
 
+def _spans(
+    result: Result, k: int, floor: dict[str, Any], orch: dict[str, Any]
+) -> tuple[int, list[float | None], list[float | None]]:
+    """Kernel start -> init, init -> first start, first start -> last ready."""
+
+    def init(boot: int) -> float | None:
+        """The printk time of the init's first mark: the new kernel's clock."""
+        m = result.mark("init.start", boot)
+        found = PRINTK_TIME.match(m.line.text) if m is not None else None
+        return float(found.group(1)) if found else None
+
+    def three(boot: int, starts: list[float], end: float) -> list[float | None]:
+        t = init(boot)
+        if t is None or not starts:
+            return [None, None, None]
+        return [t, min(starts) - t, end - min(starts)]
+
+    f_starts = [float(a) for a, _ in floor.get("intervals", [])]
+    actions = (orch.get("restore_path") or {}).get("actions") or []
+    o_starts = [float(a["started"]) for a in actions if a.get("started")]
+    o_end = float((orch.get("blackout_end") or {}).get("new_s", 0.0))
+    return (
+        k,
+        three(2 * k, f_starts, float(floor["new_s"])),
+        three(2 * k + 1, o_starts, o_end),
+    )
+
+
+def _fmt(values: list[float | None]) -> str:
+    return " ".join(f"{v:7.2f}" if v is not None else "      -" for v in values)
+
+
 def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
     rounds = args.blackout_rounds
     count = args.engine_workloads
@@ -157,6 +189,7 @@ def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
     failures = list(result.failures())
     section(f"blackout: floor vs orchestrator, {rounds} rounds, {count} x {mib} MiB")
     rows, serial_lines = [], []
+    spans: list[tuple[int, list[float | None], list[float | None]]] = []
     for k in range(1, rounds + 1):
         floor = result.read_json(f"floor-{k}.json")
         orch = result.read_json(f"orch-{k}.json")
@@ -171,6 +204,7 @@ def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
         line, fails = _serial_check(result, k, orch)
         serial_lines.append(line)
         failures += fails
+        spans.append(_spans(result, k, floor, orch))
         f_s = float(str(floor["mono_s"]))
         end: dict[str, Any] = orch.get("blackout_end") or {}  # type: ignore[assignment]
         o_s = float(end.get("mono_s", "nan"))
@@ -186,6 +220,12 @@ def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
             f"{statistics.median(pcts):+7.1f}%  (spread {min(pcts):+.1f} .. "
             f"{max(pcts):+.1f} %; target <= +10 %)"
         )
+    print(
+        "\n  where it goes (s; new kernel's clock): kernel start -> init, init -> "
+        "first workload started, -> last one running"
+    )
+    for k, f, o in spans:
+        print(f"  {k:>5} floor {_fmt(f)}   orchestrator {_fmt(o)}")
     section("blackout: the journal against the host's serial clock")
     for line in serial_lines:
         print(line)
