@@ -15,7 +15,11 @@ the spec to start the same machine again). Guest RAM is a shared memfd.
 - restore (new kernel): a new QEMU on the retrieved memfd
   (``memory-backend-file,mem-path=/proc/self/fd/N``) with ``-S -incoming defer``
   loads the state file, the probed guest words are checked, then ``cont``
-  (**the blackout ends**; ``blackout_s`` is recorded).
+  (**the blackout ends**; ``blackout_s`` is recorded). Usually the restore
+  path has done this already, one ``python -m orchestrator.vmm.restore`` per
+  VM side by side, before the engine was loaded (:meth:`QemuPlugin.lu_restore_plan`;
+  the freeze leaves ``STATE_DIR/qemu/<name>.frozen`` for it): the hook then
+  adopts that QEMU, and never starts a guest that ran again a second time.
 - finish: each VM runs; ``x-ignore-shared`` is switched off again (a later
   ordinary migration must carry RAM).
 
@@ -34,9 +38,10 @@ Options (``with:``), on any step of this plugin (declared in :data:`OPTIONS`):
 from __future__ import annotations
 
 import contextlib
-import functools
+import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +56,15 @@ from orchestrator.vmm import (
     VmError,
     VmInfo,
     find_ram_fd,
-    launch_vm,
-    log_tail,
+    frozen_path,
     open_qmp,
     read_words,
     registered_vms,
+    restore_vm,
+    restored_path,
+    restored_vm,
     running,
+    set_migration,
 )
 
 if TYPE_CHECKING:
@@ -211,17 +219,6 @@ async def _status(qmp: QmpClient) -> str:
     return str(reply["status"])
 
 
-async def _set_migration(qmp: QmpClient, ignore_shared: bool, cpr: bool) -> None:
-    """Capabilities and mode, the same on both sides of the migration."""
-    if cpr:
-        mode = "cpr-reboot" if ignore_shared else "normal"
-        await qmp.execute("migrate-set-parameters", {"mode": mode})
-    await qmp.execute(
-        "migrate-set-capabilities",
-        {"capabilities": [{"capability": IGNORE_SHARED, "state": ignore_shared}]},
-    )
-
-
 async def _wait_migration(qmp: QmpClient, vm: str, budget: float) -> dict[str, Any]:
     """Poll ``query-migrate`` until the migration ends; its final reply."""
     with anyio.fail_after(budget):
@@ -261,6 +258,16 @@ def _end_earlier_attempt(registry: Path, vm: VmInfo) -> None:
                 os.kill(other.pid, signal.SIGKILL)
 
 
+def _write_durably(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 class QemuPlugin:
     """Moves QEMU VMs across the kexec with their RAM in a preserved memfd."""
 
@@ -279,7 +286,7 @@ class QemuPlugin:
                     raise VmError(vm.name, f"is {status!r}, not running")
                 params = await qmp.execute("query-migrate-parameters")
                 cpr = "mode" in params  # QEMU >= 8.2: cpr-reboot exists
-                await _set_migration(qmp, True, cpr)
+                await set_migration(qmp, True, cpr)
                 entries.append({**vm.to_json(), "cpr": cpr, "qemu": qmp.version})
                 ctx.log.info(
                     "VM %s (QEMU %s, pid %d): %s",
@@ -299,7 +306,7 @@ class QemuPlugin:
             vm = VmInfo.from_json(entry)
             async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
                 await _resume(qmp, vm.name)
-                await _set_migration(qmp, False, bool(entry["cpr"]))
+                await set_migration(qmp, False, bool(entry["cpr"]))
 
     @hookimpl
     async def lu_preserve(self, ctx: StepContext) -> None:
@@ -375,7 +382,7 @@ class QemuPlugin:
             size,
             saved_wall - stop_wall,
         )
-        return {
+        frozen = {
             "stop_wall": stop_wall,
             "save_s": saved_wall - stop_wall,
             "state_file": str(path),
@@ -383,6 +390,14 @@ class QemuPlugin:
             "ram_transferred": done.get("ram", {}).get("transferred"),
             "probe": probe,
         }
+        # For the restore path, which reads no journal: fsync'ed, as the
+        # state file (the kexec syncs nothing).
+        record = {"name": vm.name, "spec": vm.to_json()["spec"], "cpr": cpr, **frozen}
+        await anyio.to_thread.run_sync(
+            _write_durably, frozen_path(ctx.state_dir, vm.name), record
+        )
+        restored_path(_registry(ctx), vm.name).unlink(missing_ok=True)
+        return frozen
 
     @hookimpl
     async def lu_freeze_rollback(self, ctx: StepContext) -> None:
@@ -390,29 +405,62 @@ class QemuPlugin:
             async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
                 await _resume(qmp, vm.name)
 
+    def lu_restore_plan(self, ctx: StepContext) -> list[dict[str, Any]]:
+        """The restore, resolved before the kexec: one ``python -m
+        orchestrator.vmm.restore`` per VM, which the restore path runs side by
+        side before the engine is loaded; each exits once its VM runs."""
+        registry = _registry(ctx)
+        return [
+            {
+                "key": vm.name,
+                "entry": ctx.preserved(vm.name),
+                "argv": [
+                    sys.executable,
+                    "-m",
+                    "orchestrator.vmm.restore",
+                    "--registry",
+                    str(registry.absolute()),
+                    "--frozen",
+                    str(frozen_path(ctx.state_dir, vm.name).absolute()),
+                    "--qmp-timeout",
+                    str(_qmp_timeout(ctx)),
+                    "--migrate-timeout",
+                    str(_migrate_timeout(ctx)),
+                ],
+                "fd_arg": "--ram-fd",
+                "wait": "exit",
+                "published": str(restored_path(registry.absolute(), vm.name)),
+                "env": {"LIVEUPDATE_KERNEL": ctx.kernel.spec},
+                "log": str(registry.absolute() / f"{vm.name}.restore.log"),
+            }
+            for vm in _vms(ctx)
+        ]
+
     @hookimpl
     async def lu_restore(self, ctx: StepContext) -> None:
+        """Every VM runs again on its preserved RAM: adopted if the restore
+        path already brought it back, else started, loaded and resumed here."""
         registry = _registry(ctx)
         frozen = ctx.recorded("frozen", {})
         restored, blackouts = [], {}
         for entry in ctx.recorded("vms", []):
             vm = VmInfo.from_json(entry)
-            _end_earlier_attempt(registry, vm)
-            with await ctx.retrieve(vm.name) as ram:
-                start = functools.partial(
-                    launch_vm,
-                    registry,
-                    vm.spec,
-                    ctx.kernel.spec,
-                    ram_fd=ram.fileno(),
-                    incoming=True,
-                )
-                new = await anyio.to_thread.run_sync(start)
             saved = frozen[vm.name]
-            async with open_qmp(new.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
-                await self._load(ctx, qmp, new, saved, bool(entry["cpr"]))
-                await qmp.execute("cont")
-                blackout = time.time() - float(saved["stop_wall"])
+            with await ctx.retrieve(vm.name) as ram:
+                new = await self._adopt(ctx, registry, vm, ram.fileno())
+                if new is None:
+                    _end_earlier_attempt(registry, vm)
+                    record = {"name": vm.name, "spec": entry["spec"], **saved}
+                    new = await restore_vm(
+                        registry,
+                        {**record, "cpr": bool(entry["cpr"])},
+                        ram.fileno(),
+                        ctx.kernel.spec,
+                        qmp_timeout=_qmp_timeout(ctx),
+                        migrate_timeout=_migrate_timeout(ctx),
+                    )
+                done = restored_vm(registry, vm.name, ram.fileno()) or {}
+            blackout = float(done.get("cont_wall", time.time())) - saved["stop_wall"]
             blackouts[vm.name] = round(blackout, 6)
             restored.append(new.to_json())
             ctx.log.info("VM %s runs again; blackout %.3f s", vm.name, blackout)
@@ -420,48 +468,37 @@ class QemuPlugin:
         ctx.record("vm_blackout_s", blackouts)
         ctx.record("blackout_s", max(blackouts.values(), default=0.0))
 
-    async def _load(
-        self,
-        ctx: StepContext,
-        qmp: QmpClient,
-        vm: VmInfo,
-        saved: dict[str, Any],
-        cpr: bool,
-    ) -> None:
-        """Load the saved device state into the paused new QEMU and check RAM."""
-        await _set_migration(qmp, True, cpr)
-        path = str(saved["state_file"])
-        if cpr:
-            await qmp.execute("migrate-incoming", {"uri": f"file:{path}"})
-        else:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                await qmp.execute("getfd", {"fdname": STATE_FD_NAME}, fds=[fd])
-            finally:
-                os.close(fd)
-            await qmp.execute("migrate-incoming", {"uri": f"fd:{STATE_FD_NAME}"})
-        try:
-            with anyio.fail_after(_migrate_timeout(ctx)):
-                while True:
-                    status = await _status(qmp)
-                    if status != "inmigrate":
-                        break
-                    await anyio.sleep(0.01)
-        except QmpError as exc:
+    async def _adopt(
+        self, ctx: StepContext, registry: Path, vm: VmInfo, ram_fd: int
+    ) -> VmInfo | None:
+        """The VM the restore path (or an earlier attempt) brought back on
+        this very RAM, or None if no QEMU resumed it.
+
+        A guest that ran again is never started a second time from its saved
+        state (its RAM has moved on): if that QEMU cannot be adopted, this
+        fails instead, and the keeper keeps the RAM.
+        """
+        done = restored_vm(registry, vm.name, ram_fd)
+        if done is None:
+            return None
+        new = next(
+            (v for v in registered_vms(registry) if v.pid == int(done["pid"])), None
+        )
+        if new is None:
             raise VmError(
                 vm.name,
-                f"loading the device state failed: {log_tail(vm.log) or exc}",
-            ) from exc
-        if status != "paused":
-            raise VmError(vm.name, f"is {status!r} after loading, expected 'paused'")
-        for address, value in saved.get("probe", {}).items():
-            (now,) = await read_words(qmp, int(address))
-            if now != value:
-                raise VmError(
-                    vm.name,
-                    f"guest RAM changed across the kexec: word at {int(address):#x} "
-                    f"is {now:#x}, was {value:#x}",
-                )
+                f"QEMU pid {done['pid']} resumed it after the kexec but is not in "
+                f"the registry {registry}",
+            )
+        async with open_qmp(new.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
+            now = await _status(qmp)
+        if now != "running":
+            raise VmError(
+                vm.name,
+                f"QEMU pid {new.pid} resumed it after the kexec and is {now!r} now; "
+                "not starting it a second time",
+            )
+        return new
 
     @hookimpl
     async def lu_finish(self, ctx: StepContext) -> None:
@@ -474,6 +511,6 @@ class QemuPlugin:
                 cpr = bool(
                     next(e["cpr"] for e in ctx.recorded("vms") if e["name"] == vm.name)
                 )
-                await _set_migration(qmp, False, cpr)
+                await set_migration(qmp, False, cpr)
         for saved in ctx.recorded("frozen", {}).values():
             await anyio.Path(saved["state_file"]).unlink(missing_ok=True)

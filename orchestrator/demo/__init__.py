@@ -105,7 +105,7 @@ def wait_published(
 _HOLDER = (
     # Written in place (no rename: one process less): a reader that finds it
     # half-written reads it again, as for any other workload.
-    'sleep infinity >/dev/null 2>&1 & pid=$!\n'
+    "sleep infinity >/dev/null 2>&1 & pid=$!\n"
     'printf \'{"name": "%s", "pid": %d, "fd": %d, "session": "%s"}\\n\' '
     '"$1" "$pid" "$5" "$3" > "$2/$1.json" && echo "$pid"\n'
 )

@@ -30,6 +30,11 @@ The command gets the retrieved file as an inherited fd, its number after
 with ``pid`` and ``fd``) once it serves. A process already serving the very
 file (an interrupted resume started it) is adopted, not started twice.
 
+With ``"wait": "exit"`` instead (and no ``published``), the command itself
+does the whole restore and exits 0 once the workload runs: the ``qemu``
+plugin's ``python -m orchestrator.vmm.restore`` (a new QEMU on the RAM,
+device state loaded, ``cont``). Its stdout goes to the log.
+
 Anything that goes wrong here is recorded and left to the engine's restore
 phase, which starts what is missing the slow way: the keeper holds every
 file meanwhile, so nothing is lost.
@@ -157,7 +162,8 @@ def _adopt_earlier(published: str, fd: int, exclude: set[int]) -> int | None:
 
 
 def _spawn(s: _Started, fd: int) -> None:
-    """Start the action's command with *fd* inherited; its stdout is a pipe."""
+    """Start the action's command with *fd* inherited; its stdout is a pipe
+    (or the log, for a command waited for until it exits)."""
     a = s.action
     argv = [str(x) for x in a["argv"]] + [str(a["fd_arg"]), str(fd)]
     env = dict(os.environ)
@@ -176,7 +182,7 @@ def _spawn(s: _Started, fd: int) -> None:
             env,
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, null, 0),
-                (os.POSIX_SPAWN_DUP2, writer, 1),
+                (os.POSIX_SPAWN_DUP2, log if _exits(a) else writer, 1),
                 (os.POSIX_SPAWN_DUP2, log, 2),
             ],
         )
@@ -187,7 +193,14 @@ def _spawn(s: _Started, fd: int) -> None:
         os.set_inheritable(fd, False)
         for x in (writer, null, log):
             os.close(x)
-    s.reader = reader
+    if a.get("wait") == "exit":
+        os.close(reader)
+    else:
+        s.reader = reader
+
+
+def _exits(a: dict[str, Any]) -> bool:
+    return a.get("wait") == "exit"
 
 
 def _pid_of(s: _Started) -> None:
@@ -207,6 +220,18 @@ def _pid_of(s: _Started) -> None:
         s.pid = int(out)
     except ValueError:
         raise OSError(f"printed {out[:40]!r}, not a pid") from None
+
+
+def _reap(s: _Started) -> None:
+    """A command that restores by itself: ready when it exited 0."""
+    pid, status = os.waitpid(s.helper, os.WNOHANG)
+    if pid == 0:
+        return
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        s.ready = time.monotonic()
+    else:
+        s.error = f"exited with {code} (see {s.action['log']})"
 
 
 def restore(
@@ -232,10 +257,11 @@ def restore(
             continue
         try:
             s.started = time.monotonic()
-            published = str(s.action["published"])
-            s.pid = serving(published, fd.fileno())
-            if s.pid is None and earlier:
-                s.pid = _adopt_earlier(published, fd.fileno(), exclude)
+            published = str(s.action.get("published", ""))
+            if published:
+                s.pid = serving(published, fd.fileno())
+                if s.pid is None and earlier:
+                    s.pid = _adopt_earlier(published, fd.fileno(), exclude)
             if s.pid is not None:
                 s.ready = time.monotonic()
             else:
@@ -257,6 +283,11 @@ def restore(
     deadline = time.monotonic() + READY_TIMEOUT
     while waiting:
         for s in list(waiting):
+            if _exits(s.action):
+                _reap(s)
+                if s.ready is not None or s.error is not None:
+                    waiting.remove(s)
+                continue
             info = _published(str(s.action["published"]))
             if info is not None and info.get("pid") == s.pid:
                 s.ready = time.monotonic()

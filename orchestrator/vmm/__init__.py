@@ -27,6 +27,14 @@ from ._qemu import (
     running,
 )
 from ._qmp import QmpClient, open_qmp
+from ._restore import (
+    frozen_path,
+    load_state,
+    restore_vm,
+    restored_path,
+    restored_vm,
+    set_migration,
+)
 
 __all__ = [
     "QEMU",
@@ -39,12 +47,18 @@ __all__ = [
     "VmInfo",
     "VmSpec",
     "find_ram_fd",
+    "frozen_path",
     "launch_vm",
+    "load_state",
     "log_tail",
     "open_qmp",
     "publish",
     "qemu_argv",
     "read_words",
     "registered_vms",
+    "restore_vm",
+    "restored_path",
+    "restored_vm",
     "running",
+    "set_migration",
 ]

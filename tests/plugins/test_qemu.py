@@ -85,7 +85,11 @@ def step_records(host: VmHost, phase: str) -> dict[str, Any]:
     return records
 
 
-def test_vm_survives_the_kexec(vm_host: VmHost) -> None:
+@pytest.mark.parametrize("restore_path", [False, True], ids=["engine", "restore-path"])
+def test_vm_survives_the_kexec(vm_host: VmHost, restore_path: bool) -> None:
+    """Without ``--state-dir`` the engine's restore phase brings the VM back;
+    with it (as the boot unit runs it) the restore path does, before the
+    engine is loaded, and the restore phase adopts that QEMU."""
     old = vm_host.vm
     book = playbook(vm_host)
     boot = vm_host.kernel.boot_id()
@@ -98,8 +102,11 @@ def test_vm_survives_the_kexec(vm_host: VmHost) -> None:
     at_stop = frozen["probe"][str(COUNTER)]
     assert frozen["state_bytes"] > 0
 
-    resume = liveupdate("resume", str(book))
+    fast = ["--state-dir", str(vm_host.state)] if restore_path else []
+    resume = liveupdate("resume", str(book), *fast)
     assert resume.returncode == 0, resume.stdout + resume.stderr
+    (end,) = [r for r in read_journal(vm_host.state) if r["event"] == "blackout_end"]
+    assert end["ended_by"] == ("restore-path" if restore_path else "restore-phase")
     state = json.loads(
         liveupdate("status", "--state-dir", str(vm_host.state), "--json").stdout
     )
@@ -123,6 +130,14 @@ def test_vm_survives_the_kexec(vm_host: VmHost) -> None:
     assert new.pid != old.pid
     assert running(new.pid)
     assert status(new.qmp) == "running"
+    # One QEMU for the VM: the restore phase adopted the restore path's.
+    qemus = [
+        p
+        for p in Path("/proc").glob("[0-9]*")
+        if _cmdline(p).startswith("qemu-system")
+        and f"{vm_host.registry}" in _cmdline(p)
+    ]
+    assert [int(p.name) for p in qemus] == [new.pid]
     assert_pattern(new.qmp)
     counter, boots = words(new.qmp, COUNTER, 2)
     assert boots == 1, "the guest booted again instead of going on"
@@ -153,3 +168,10 @@ def test_cancel_in_freeze_resumes_the_same_vm(vm_host: VmHost) -> None:
     counter, boots = words(vm.qmp, COUNTER, 2)
     assert boots == 1
     wait_counting(vm.qmp, above=counter)
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
