@@ -10,6 +10,7 @@ must go on from where it stopped, not boot again.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -145,6 +146,42 @@ def test_vm_survives_the_kexec(vm_host: VmHost, restore_path: bool) -> None:
     wait_counting(new.qmp, above=counter)  # and it keeps counting
     assert not Path(frozen["state_file"]).exists(), "finish removes the state file"
     assert liveupdate("resume", str(book)).stdout.startswith("nothing to resume")
+
+
+@pytest.mark.parametrize("crash_at", ["spawn:1", "record:1"])
+def test_a_resumed_guest_is_never_started_twice(vm_host: VmHost, crash_at: str) -> None:
+    """``resume`` killed right after the restore path started the VM's
+    restore (it may still be loading), or after the guest ran again: the next
+    resume waits for that QEMU and adopts it. A second QEMU on the same RAM,
+    restarted from the saved state, would corrupt a guest that ran on."""
+    book = playbook(vm_host)
+    assert liveupdate("run", str(book)).returncode == -signal.SIGKILL
+    args = ["resume", str(book), "--state-dir", str(vm_host.state)]
+    env = {**os.environ, "LIVEUPDATE_TEST_CRASH_AT": crash_at}
+    killed = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env=env,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    resume = liveupdate(*args)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    new = vm_host.current()
+    qemus = [
+        int(p.name)
+        for p in Path("/proc").glob("[0-9]*")
+        if _cmdline(p).startswith("qemu-system")
+        and str(vm_host.registry) in _cmdline(p)
+    ]
+    assert qemus == [new.pid]
+    assert status(new.qmp) == "running"
+    counter, boots = words(new.qmp, COUNTER, 2)
+    assert boots == 1, "the guest booted again instead of going on"
+    wait_counting(new.qmp, above=counter)
 
 
 def test_cancel_in_freeze_resumes_the_same_vm(vm_host: VmHost) -> None:
