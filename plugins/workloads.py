@@ -91,10 +91,14 @@ def _registry(ctx: StepContext) -> Path:
 
 
 def _running(pid: int) -> bool:
-    """Whether *pid* exists and is not a zombie (cheap: inside the blackout)."""
+    """Whether *pid* exists and is not a zombie (cheap: inside the blackout).
+
+    :raises OSError: /proc could not be read for another reason than the
+        process being gone (e.g. out of fds): that is not "not running".
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 

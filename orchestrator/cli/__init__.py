@@ -295,8 +295,24 @@ def _add_update_commands(sub: Any) -> None:
     p.set_defaults(func=u.cmd_demo)
 
 
+def _more_fds() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    A host with many VMs has many files to hold: the engine holds every
+    preserved file from quiesce on, and the keeper every session and file it
+    retrieved (256 VMs x 4 memfds is past the usual soft limit of 1,024).
+    What this process starts (the keeper, restored workloads) inherits it.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _more_fds()
     if argv[:1] == ["resume"]:
         # Inside the blackout window: take the sessions back before importing
         # anything heavy (argument parsing, the engine, the plugins).

@@ -314,3 +314,22 @@ def test_report_of_a_missing_state_dir(tmp_path: Path) -> None:
     done = liveupdate("report", "--state-dir", str(tmp_path / "typo"))
     assert done.returncode == 2
     assert "no such directory" in one_line(done)
+
+
+def test_the_command_raises_its_soft_fd_limit_to_the_hard_one() -> None:
+    """256 VMs x 4 memfds are more files than the usual soft limit of 1,024:
+    the engine and the keeper (which inherits the limit) must be able to hold
+    them all."""
+    probe = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "from orchestrator.cli import _more_fds\n"
+        "_more_fds()\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    soft, hard = map(int, done.stdout.split())
+    assert soft == hard

@@ -377,9 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--blackout-mib",
         type=int,
-        default=64,
+        default=32,
         metavar="M",
-        help="blackout: MiB of each of the --engine-workloads stores (default 64)",
+        help="blackout: MiB of each of the --engine-workloads stores (default 32)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per QEMU run (s)")
     p.add_argument("--accel", choices=["tcg", "kvm"], default=None)
