@@ -37,6 +37,7 @@ class Status:
     steps: list[dict[str, Any]] = field(default_factory=list)
     retries: int = 0
     blackout_s: float | None = None
+    plugin_blackouts: dict[str, float] = field(default_factory=dict)
     boots: list[str] = field(default_factory=list)
     liveupdate_number: int | None = None
     interrupted: bool = False  # the last run never ended and nothing runs it
@@ -107,6 +108,7 @@ def summarize(state_dir: Path) -> Status:
     ]
     status.retries = len(run.retries)
     status.blackout_s = run.blackout_s
+    status.plugin_blackouts = dict(run.plugin_blackouts)
     status.boots = list(run.boots)
     status.liveupdate_number = run.liveupdate_number
     return status
