@@ -42,17 +42,35 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Receives each host's rollout result from the role."""
+    binary = need("prometheus-pushgateway")
+    root = tmp_path_factory.mktemp("pushgateway")
+    port = free_port()
+    argv = [binary, f"--web.listen-address=127.0.0.1:{port}"]
+    with running(
+        "pushgateway", argv, f"http://127.0.0.1:{port}", "/-/ready", root / "log"
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    fleet: Fleet, tmp_path_factory: pytest.TempPathFactory
+    fleet: Fleet, pushgateway: Server, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
+    """Scrapes every host's metrics endpoint, and the Pushgateway."""
     binary = need("prometheus")
     root = tmp_path_factory.mktemp("prometheus")
     targets = ", ".join(f'"{h.address}:{METRICS_PORT}"' for h in fleet.hosts)
+    gateway = pushgateway.url.removeprefix("http://")
     (root / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: liveupdate\n"
         f"    static_configs: [{{targets: [{targets}]}}]\n"
+        "  - job_name: pushgateway\n"
+        "    honor_labels: true\n"
+        f'    static_configs: [{{targets: ["{gateway}"]}}]\n'
     )
     port = free_port()
     with running(

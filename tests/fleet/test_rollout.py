@@ -13,19 +13,43 @@ leftovers: a host is "already current" only if this test updated it.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.metrics._servers import query
 
 from ._fleet import wait_until
 
 if TYPE_CHECKING:
     import subprocess
-    from pathlib import Path
 
     from tests.metrics._servers import Server
 
     from ._fleet import Fleet, Host
 
-PLAYBOOKS = __import__("pathlib").Path(__file__).parent / "playbooks"
+PLAYBOOKS = Path(__file__).parent / "playbooks"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "liveupdate.json"
+)
+ROLLOUT_BY_STATUS = (
+    'sum by (status) (liveupdate_rollout_host_status{job="liveupdate_rollout"})'
+)
+
+
+def rollout_panel_queries() -> list[str]:
+    """The dashboard's rollout panels' queries (they use no Grafana variable)."""
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [
+        t["expr"]
+        for panel in doc["panels"]
+        for t in panel.get("targets", [])
+        if "liveupdate_rollout_" in t["expr"]
+    ]
+    assert ROLLOUT_BY_STATUS in exprs
+    return exprs
 
 
 def _snapshot(host: Host) -> dict[str, Any]:
@@ -91,7 +115,7 @@ def _data_intact(fleet: Fleet, host: Host) -> None:
 
 
 def test_canary_and_waves_complete(
-    healthy: Fleet, prometheus: Server, workdir: Path
+    healthy: Fleet, prometheus: Server, pushgateway: Server, workdir: Path
 ) -> None:
     fleet = healthy
     release = fleet.target("6.19.1-waves")
@@ -105,6 +129,7 @@ def test_canary_and_waves_complete(
         rolling_update_gate_interval=1,
         rolling_update_gate_successes=2,
         rolling_update_gate_timeout=60,
+        rolling_update_pushgateway_url=pushgateway.url,
     )
     assert proc.returncode == 0, _explain(proc)
     for host in fleet.hosts:
@@ -123,6 +148,22 @@ def test_canary_and_waves_complete(
     blackouts = [float(r["blackout_s"]) for r in summary["hosts"]]
     assert float(summary["blackout_max_s"]) == max(blackouts)
     assert float(summary["blackout_p50_s"]) == sorted(blackouts)[1]
+    # Each host's result reached the Pushgateway; the dashboard's rollout
+    # panels show them once Prometheus has scraped it.
+    by_status = wait_until(
+        "the rollout in Prometheus",
+        lambda: (
+            {
+                s["metric"]["status"]: float(s["value"][1])
+                for s in query(prometheus, ROLLOUT_BY_STATUS)
+            }.get("updated")
+            == 4
+            and query(prometheus, ROLLOUT_BY_STATUS)
+        ),
+    )
+    assert {s["metric"]["status"]: s["value"][1] for s in by_status}["failed"] == "0"
+    for expr in rollout_panel_queries():
+        assert query(prometheus, expr), expr
 
     # Run again: every host is already current, nothing reboots.
     again = {h.name: _snapshot(h) for h in fleet.hosts}
@@ -131,3 +172,250 @@ def test_canary_and_waves_complete(
     assert sorted(summary["already_current"]) == sorted(again)
     for host in fleet.hosts:
         _untouched(host, again[host.name])
+
+
+def test_refused_freeze_cancels_the_host_and_stops_the_rollout_then_resumes(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """host1 (wave 2) has a kernel that refuses the freeze: it is cancelled, back
+    in NORMAL on the same boot with its bytes intact, and wave 3 is never
+    started. Run again once the fault is gone: host0 is already current, the
+    rest are updated."""
+    fleet = healthy
+    canary, bad, *later = fleet.hosts
+    release = fleet.target("6.19.2-freeze")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    bad.kernel.inject_fault("freeze", "EIO")
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    assert proc.returncode != 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    _untouched(bad, before[bad.name])
+    status = bad.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "cancelled"), status
+    _data_intact(fleet, bad)
+    for host in later:
+        _untouched(host, before[host.name])
+    assert summary["updated"] == [canary.name]
+    assert summary["failed"] == [bad.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in later)
+    (result,) = [r for r in summary["hosts"] if r["host"] == bad.name]
+    assert result["cancelled"] is True
+    assert "back in NORMAL and was not rebooted" in result["msg"], result
+    assert "wave 2" in summary["stop_reason"]
+
+    bad.kernel.inject_fault("freeze", None)
+    middle = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    assert proc.returncode == 0, _explain(proc)
+    _untouched(canary, middle[canary.name])
+    for host in (bad, *later):
+        _updated(host, middle[host.name], release)
+        _data_intact(fleet, host)
+    assert summary["already_current"] == [canary.name]
+    assert sorted(summary["updated"]) == sorted(h.name for h in (bad, *later))
+
+
+def _gate_rollout(
+    fleet: Fleet, prometheus: Server, workdir: Path, release: str, **variables: Any
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], dict[str, Any]]:
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        rolling_update_prometheus_url=prometheus.url,
+        rolling_update_gate_interval=1,
+        rolling_update_gate_successes=2,
+        rolling_update_waves=[1, "100%"],
+        **variables,
+    )
+    canary, *rest = fleet.hosts
+    _updated(canary, before[canary.name], release)
+    for host in rest:
+        _untouched(host, before[host.name])
+    assert proc.returncode != 0, _explain(proc)
+    assert summary["updated"] == [canary.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+    (gate,) = summary["gates"]
+    assert gate["passed"] is False
+    return proc, summary, gate
+
+
+def test_gate_sees_a_blackout_over_budget_and_stops(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    release = healthy.target("6.19.3-budget")
+    _, summary, gate = _gate_rollout(
+        healthy,
+        prometheus,
+        workdir,
+        release,
+        rolling_update_blackout_budget=0.000001,
+        rolling_update_gate_timeout=60,
+    )
+    assert gate["reason"].startswith("blackout under budget: "), gate
+    seen = [
+        v["value"]
+        for r in gate["rounds"]
+        for c in r["checks"]
+        if c["name"] == "blackout under budget"
+        for v in c["values"]
+    ]
+    assert seen, gate
+    assert seen[-1] > 0.000001
+    assert "gate failed" in summary["stop_reason"]
+
+
+def test_gate_with_no_data_holds_then_fails_at_its_deadline(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    release = healthy.target("6.19.4-nodata")
+    _, _, gate = _gate_rollout(
+        healthy,
+        prometheus,
+        workdir,
+        release,
+        rolling_update_gate_timeout=4,
+        rolling_update_gate_checks=[
+            {
+                "name": "never exported",
+                "query": 'liveupdate_no_such_metric{instance=~"{{ _luo_wave_instances }}"}',
+                "condition": "== 1",
+            }
+        ],
+    )
+    assert gate["reason"] == "deadline: never exported: no data after 4 s", gate
+    # It held: evaluated again and again, every round without data.
+    assert len(gate["rounds"]) >= 3
+    assert all(r["checks"][0]["no_data"] for r in gate["rounds"])
+
+
+def test_unreachable_host_stops_the_rollout(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    canary, lost, *later = fleet.hosts
+    release = fleet.target("6.19.5-link")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    lost.set_link(False)
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    lost.set_link(True)
+    assert proc.returncode != 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    for host in (lost, *later):
+        _untouched(host, before[host.name])
+    (result,) = [r for r in summary["hosts"] if r["host"] == lost.name]
+    assert result["status"] == "unreachable"
+    assert summary["failed"] == [lost.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in later)
+
+
+def test_check_mode_changes_nothing(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    release = fleet.target("6.19.6-check")
+    before = {h.name: (_snapshot(h), h.status()) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet, workdir, check=True, rolling_update_target_kernel=release
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in fleet.hosts:
+        assert (_snapshot(host), host.status()) == before[host.name]
+    assert summary["updated"] == []
+    assert sorted(r["status"] for r in summary["hosts"]) == ["planned"] * 4
+
+
+def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    release = fleet.target("6.19.7-window")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        rolling_update_not_after="2020-01-01T00:00:00+00:00",
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert summary["window_closed"] is True
+    assert sorted(summary["not_started"]) == sorted(h.name for h in fleet.hosts)
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        pytest.param(
+            {"rolling_update_wavez": [1], "rolling_update_target_kernel": "x"},
+            "unknown variable(s) rolling_update_wavez",
+            id="unknown-variable",
+        ),
+        pytest.param(
+            {
+                "rolling_update_reboot_timeout": "soon",
+                "rolling_update_target_kernel": "x",
+            },
+            "rolling_update_reboot_timeout",
+            id="wrong-type",
+        ),
+        pytest.param({}, "rolling_update_target_kernel", id="missing-target"),
+    ],
+)
+def test_bad_role_variables_fail_before_any_host_is_touched(
+    healthy: Fleet, workdir: Path, variables: dict[str, Any], said: str
+) -> None:
+    fleet = healthy
+    fleet.target("6.19.8-bad")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(fleet, workdir, **variables)
+    assert proc.returncode != 0
+    assert said in proc.stdout, _explain(proc)
+    assert summary == {}
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert "Live-update this wave" not in proc.stdout
+
+
+def test_host_without_luo_fails_preflight_with_probes_reason(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The hosts probe the real kernel, which has no /dev/liveupdate here: the
+    canary fails preflight with probe's reason, not as a cancelled update, and
+    no host is updated."""
+    fleet = healthy
+    release = fleet.target("6.19.9-noluo")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        liveupdate_kernel="real",
+    )
+    assert proc.returncode != 0
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    (result,) = [r for r in summary["hosts"] if r["host"] == fleet.hosts[0].name]
+    assert result["status"] == "failed"
+    assert result["cancelled"] is False
+    assert result["msg"].startswith("preflight: no /dev/liveupdate"), result
+
+
+def test_invalid_promql_fails_the_gate_with_prometheus_message(
+    fleet: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    out = workdir / "gate.json"
+    extra = {
+        "url": prometheus.url,
+        "out": str(out),
+        "checks": [{"name": "bad", "query": "sum(", "condition": "== 0"}],
+    }
+    (workdir / "vars.json").write_text(json.dumps(extra))
+    (workdir / "hosts").write_text(
+        f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+    )
+    proc = fleet.playbook(
+        PLAYBOOKS / "gate.yml", workdir / "hosts", "-e", f"@{workdir / 'vars.json'}"
+    )
+    assert proc.returncode == 0, _explain(proc)
+    gate = json.loads(out.read_text())
+    assert gate["failed"] is True
+    assert gate["passed"] is False
+    assert gate["reason"].startswith("Prometheus: bad_data: "), gate
+    assert "parse error" in gate["reason"]

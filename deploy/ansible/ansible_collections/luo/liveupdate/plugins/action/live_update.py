@@ -11,24 +11,15 @@ import time
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
+from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
+    LIVE_UPDATE_SPEC as ARGUMENT_SPEC,
+)
 
 display = Display()
 
 FACTS = "luo.liveupdate.liveupdate_facts"
 EXIT_CANCELLED = 5
 
-ARGUMENT_SPEC = {
-    "playbook": {"type": "path", "required": True},
-    "target_kernel": {"type": "str"},
-    "liveupdate_command": {"type": "str", "default": "liveupdate"},
-    "kernel": {"type": "str"},
-    "state_dir": {"type": "str", "default": "/var/lib/liveupdate"},
-    "control_socket": {"type": "str", "default": "/run/liveupdate/control.sock"},
-    "reboot_timeout": {"type": "int", "default": 600},
-    "resume_timeout": {"type": "int", "default": 300},
-    "poll_interval": {"type": "float", "default": 1.0},
-    "not_after": {"type": "str"},
-}
 FACT_OPTIONS = (
     "liveupdate_command",
     "kernel",

@@ -10,6 +10,9 @@ import time
 
 from ansible.errors import AnsibleError
 from ansible.plugins.action import ActionBase
+from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
+    GATE_SPEC as ARGUMENT_SPEC,
+)
 
 try:
     import httpx
@@ -27,36 +30,6 @@ OPERATORS = {
 CONDITION = re.compile(
     r"^\s*(<=|>=|==|!=|<|>)\s*([-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$"
 )
-
-ARGUMENT_SPEC = {
-    "url": {"type": "str", "required": True},
-    "checks": {
-        "type": "list",
-        "elements": "dict",
-        "default": [],
-        "options": {
-            "name": {"type": "str", "required": True},
-            "query": {"type": "str", "required": True},
-            "condition": {"type": "str", "required": True},
-            "no_data": {
-                "type": "str",
-                "choices": ["hold", "pass", "fail"],
-                "default": "hold",
-            },
-        },
-    },
-    "alerts": {
-        "type": "dict",
-        "options": {
-            "name": {"type": "str", "default": ".*"},
-            "labels": {"type": "dict", "default": {}},
-        },
-    },
-    "interval": {"type": "float", "default": 10.0},
-    "successes": {"type": "int", "default": 3},
-    "timeout": {"type": "float", "default": 300.0},
-    "request_timeout": {"type": "float", "default": 10.0},
-}
 
 
 class GateError(Exception):

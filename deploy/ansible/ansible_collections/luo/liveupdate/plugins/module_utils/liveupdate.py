@@ -120,3 +120,49 @@ def facts_from(probe, status, agent, agent_error, target_kernel=None):
         "target_kernel": target_kernel,
         "target_running": None if not target_kernel else running == target_kernel,
     }
+
+
+LIVE_UPDATE_SPEC = {
+    "playbook": {"type": "path", "required": True},
+    "target_kernel": {"type": "str"},
+    "liveupdate_command": {"type": "str", "default": DEFAULT_COMMAND},
+    "kernel": {"type": "str"},
+    "state_dir": {"type": "str", "default": DEFAULT_STATE_DIR},
+    "control_socket": {"type": "str", "default": DEFAULT_CONTROL},
+    "reboot_timeout": {"type": "int", "default": 600},
+    "resume_timeout": {"type": "int", "default": 300},
+    "poll_interval": {"type": "float", "default": 1.0},
+    "not_after": {"type": "str"},
+}
+"""The options of the live_update action (its module file documents them)."""
+
+GATE_SPEC = {
+    "url": {"type": "str", "required": True},
+    "checks": {
+        "type": "list",
+        "elements": "dict",
+        "default": [],
+        "options": {
+            "name": {"type": "str", "required": True},
+            "query": {"type": "str", "required": True},
+            "condition": {"type": "str", "required": True},
+            "no_data": {
+                "type": "str",
+                "choices": ["hold", "pass", "fail"],
+                "default": "hold",
+            },
+        },
+    },
+    "alerts": {
+        "type": "dict",
+        "options": {
+            "name": {"type": "str", "default": ".*"},
+            "labels": {"type": "dict", "default": {}},
+        },
+    },
+    "interval": {"type": "float", "default": 10.0},
+    "successes": {"type": "int", "default": 3},
+    "timeout": {"type": "float", "default": 300.0},
+    "request_timeout": {"type": "float", "default": 10.0},
+}
+"""The options of the prometheus_gate action (its module file documents them)."""

@@ -70,9 +70,11 @@ options:
     type: str
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: partial
     details: Runs the preflight and C(liveupdate plan) only; reports C(changed) when an update would run.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 notes:
   - The host needs the C(liveupdate) command and its agent (C(liveupdate agent)).
@@ -80,7 +82,7 @@ seealso:
   - module: luo.liveupdate.liveupdate_facts
   - module: luo.liveupdate.prometheus_gate
 author:
-  - luo-orchestrator developers
+  - luo-orchestrator developers (@luo-orchestrator)
 """
 
 EXAMPLES = r"""
@@ -161,10 +163,13 @@ preflight:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
+    LIVE_UPDATE_SPEC,
+)
 
 
 def main():
-    module = AnsibleModule(argument_spec={}, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=LIVE_UPDATE_SPEC, supports_check_mode=True)
     module.fail_json(
         msg="luo.liveupdate.live_update runs as an action plugin; it cannot run as a module"
     )

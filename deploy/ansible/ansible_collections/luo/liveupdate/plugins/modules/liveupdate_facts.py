@@ -43,13 +43,16 @@ options:
     default: false
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
   facts:
+    description: Action returns an C(ansible_facts) dictionary that will update existing host facts.
     support: full
 author:
-  - luo-orchestrator developers
+  - luo-orchestrator developers (@luo-orchestrator)
 """
 
 EXAMPLES = r"""

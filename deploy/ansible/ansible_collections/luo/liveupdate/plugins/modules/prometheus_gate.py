@@ -51,8 +51,8 @@ options:
         default: hold
   alerts:
     description:
-      - Firing alerts that fail the gate: an alert fires of interest when its
-        name matches O(alerts.name) and each label in O(alerts.labels) matches its regex.
+      - Firing alerts that fail the gate. An alert counts when its name
+        matches O(alerts.name) and each label in O(alerts.labels) matches its regex.
     type: dict
     suboptions:
       name:
@@ -81,12 +81,14 @@ options:
     default: 10
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details: Reads only; it runs in check mode too.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check_mode), when in diff mode.
     support: none
 author:
-  - luo-orchestrator developers
+  - luo-orchestrator developers (@luo-orchestrator)
 """
 
 EXAMPLES = r"""
@@ -132,10 +134,13 @@ reason:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
+    GATE_SPEC,
+)
 
 
 def main():
-    module = AnsibleModule(argument_spec={}, supports_check_mode=True)
+    module = AnsibleModule(argument_spec=GATE_SPEC, supports_check_mode=True)
     module.fail_json(
         msg="luo.liveupdate.prometheus_gate runs as an action plugin on the controller"
     )
