@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from tests.metrics._servers import query
@@ -395,6 +396,54 @@ def test_host_without_luo_fails_preflight_with_probes_reason(
     assert result["status"] == "failed"
     assert result["cancelled"] is False
     assert result["msg"].startswith("preflight: no /dev/liveupdate"), result
+
+
+def test_host_already_updating_is_told_so_and_not_counted_failed(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """Another update runs on the canary (its agent holds the host lock): the
+    rollout says so, counts the canary busy rather than failed, and stops;
+    the update that was running is left alone."""
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.10-busy")
+    (canary.disk / "hang.yaml").write_text(
+        "name: maintenance\n"
+        "kernel: sim:/media/kernel\n"
+        "state_dir: /media/state\n"
+        "phases:\n"
+        "  quiesce:\n"
+        "    steps:\n"
+        "      - {plugin: faults, timeout: 300s, with: {hang: 300}}\n"
+    )
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    control = canary.root / "run" / "liveupdate" / "control.sock"
+    transport = httpx.HTTPTransport(uds=str(control))
+    with httpx.Client(
+        transport=transport, base_url="http://agent", timeout=30
+    ) as agent:
+        started = agent.post("/v1/updates", json={"playbook": "/media/hang.yaml"})
+        assert started.status_code == 202, started.text
+        try:
+            proc, summary = rollout(
+                fleet, workdir, rolling_update_target_kernel=release
+            )
+            assert agent.get("/v1/status").json()["agent"]["updating"] is True
+        finally:
+            assert agent.post("/v1/cancel").status_code == 202
+        wait_until(
+            "the maintenance update cancelled",
+            lambda: not agent.get("/v1/status").json()["agent"]["updating"],
+        )
+    assert proc.returncode != 0
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert summary["busy"] == [canary.name]
+    assert summary["failed"] == []
+    (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
+    assert "the host is updating" in result["msg"], result
+    assert canary.status()["outcome"] == "cancelled"
+    _data_intact(fleet, canary)
 
 
 def test_invalid_promql_fails_the_gate_with_prometheus_message(
