@@ -63,7 +63,7 @@ def agent_status(path, timeout=10.0):
     finally:
         sock.close()
     raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
+    head, _sep, body = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     if " 200 " not in status_line + " ":
         return None, "the agent answered {}: {}".format(
@@ -81,7 +81,7 @@ def agent_status(path, timeout=10.0):
 def _unchunk(body):
     out = []
     while body:
-        size_line, _, body = body.partition(b"\r\n")
+        size_line, _sep, body = body.partition(b"\r\n")
         size = int(size_line.split(b";")[0], 16)
         if size == 0:
             break
