@@ -166,7 +166,7 @@ class Fleet:
             self._make(host)
         for host in self.hosts:
             wait_until(f"{host.name} booted", host.up)
-            self.digests[host.name] = self._register_data(host)
+            self.digests[host.name] = self.register_data(host)
 
     def _make(self, host: Host) -> None:
         (host.root / "run").mkdir(parents=True)
@@ -239,7 +239,9 @@ class Fleet:
                 cwd=REPO,
             )
 
-    def _register_data(self, host: Host) -> str:
+    def register_data(self, host: Host) -> str:
+        """Hand the host's agent 1 MiB of random bytes as a memfd named
+        ``data``; their SHA-256."""
         data = os.urandom(DATA_SIZE)
         fd = os.memfd_create("data", os.MFD_CLOEXEC)
         try:

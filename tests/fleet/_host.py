@@ -6,7 +6,8 @@ new mount and PID namespace. It binds the host's directories over ``/run``
 its simulated kernel, journal and playbooks, kept across boots), then boots:
 sshd, the resume unit's command, the agent and ``liveupdate metrics serve``.
 
-A simulated kexec switches the kernel's ``current`` boot: init sees it, ends
+A file ``no-sshd`` on the disk makes the next boots leave sshd out: a host
+that does not come back. A simulated kexec switches the kernel's ``current`` boot: init sees it, ends
 every process of its PID namespace (sshd sessions included) with SIGKILL and
 boots again, as the new kernel would. SIGTERM ends the host.
 
@@ -79,7 +80,8 @@ def _boot(host: Path, address: str) -> None:
         if wait:
             proc.wait()
 
-    start("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(DISK / "sshd_config")])
+    if not (DISK / "no-sshd").exists():  # a host that boots but is not reachable
+        start("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(DISK / "sshd_config")])
     if (STATE / "restore-plan").exists():
         start(
             "resume",

@@ -309,6 +309,64 @@ def test_unreachable_host_stops_the_rollout(healthy: Fleet, workdir: Path) -> No
     assert sorted(summary["not_started"]) == sorted(h.name for h in later)
 
 
+def test_host_not_back_within_reboot_timeout_fails_and_stops(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The canary's kexec happens, but the host it boots has no sshd: the task
+    fails at reboot_timeout and no later wave is touched."""
+    fleet = healthy
+    canary, *rest = fleet.hosts
+    release = fleet.target("6.19.11-gone")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    (canary.disk / "no-sshd").touch()
+    try:
+        proc, summary = rollout(
+            fleet,
+            workdir,
+            rolling_update_target_kernel=release,
+            rolling_update_reboot_timeout=5,
+        )
+    finally:
+        (canary.disk / "no-sshd").unlink()
+        canary.kernel.reboot_cold()  # boots again, with sshd
+        wait_until(f"{canary.name} up", canary.up)
+        # A cold boot carries nothing: the workload hands its data over again.
+        fleet.digests[canary.name] = fleet.register_data(canary)
+    assert proc.returncode != 0
+    (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
+    assert result["status"] == "failed"
+    assert "did not come back within reboot_timeout (5 s)" in result["msg"], result
+    for host in rest:
+        _untouched(host, before[host.name])
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+
+
+def test_facts_are_the_hosts_own(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    out = workdir / "facts.json"
+    inventory = fleet.inventory(workdir / "inventory.json")
+    proc = fleet.playbook(
+        PLAYBOOKS / "facts.yml",
+        inventory,
+        "-e",
+        f"out={out} target={fleet.hosts[0].kernel.release()}",
+    )
+    assert proc.returncode == 0, _explain(proc)
+    facts = json.loads(out.read_text())
+    assert len(facts) == len(fleet.hosts)
+    for host, fact in zip(fleet.hosts, facts, strict=True):
+        info = host.kernel_info()
+        assert fact["boot_id"] == info["boot_id"]
+        assert fact["running_kernel"] == info["release"]
+        assert fact["liveupdate_number"] == info["liveupdate_number"]
+        assert fact["possible"] is True
+        assert fact["abi"] == "merged"
+        assert fact["agent_running"] is True
+        assert fact["agent_updating"] is False
+        assert fact["last_update"]["state"] == host.status()["state"]
+    assert facts[0]["target_running"] is True
+
+
 def test_check_mode_changes_nothing(healthy: Fleet, workdir: Path) -> None:
     fleet = healthy
     release = fleet.target("6.19.6-check")
