@@ -303,8 +303,11 @@ class Fleet:
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(self.key),
             "ansible_python_interpreter": sys.executable,
+            # One SSH connection per host, kept between tasks; live_update
+            # resets it after the kexec, as ansible.builtin.reboot does.
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-            "-o UserKnownHostsFile=/dev/null -o ControlMaster=no "
+            "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto "
+            f"-o ControlPersist=60s -o ControlPath={self.root}/cp-%C "
             "-o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=3",
             "liveupdate_command": str(Path(sys.executable).parent / "liveupdate"),
             **group_vars,
