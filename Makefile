@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	  apt-get update -qq && apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,fleet]'
 	@touch $@
 
 ## demo: a whole-host live update on the simulated kernel

@@ -50,6 +50,35 @@ def test_probe_on_simulated_kernel_lists_kinds(tmp_path: Path) -> None:
     assert kinds["unix socket"] is False
 
 
+def test_probe_tells_boot_and_release_across_kexec(tmp_path: Path) -> None:
+    """What fleet automation compares before and after an update: the boot
+    id, the running release (a simulated kernel's is its image's name) and
+    the liveupdate number."""
+    from orchestrator.luo import LiveUpdateDevice
+    from orchestrator.luo.sim import SimKernel
+
+    kernel = SimKernel(tmp_path / "k")
+    before = json.loads(run("probe", "--json", "--kernel", kernel.spec).stdout)
+    assert before["boot_id"] == kernel.boot_id()
+    assert before["running_kernel"] == "sim"
+    assert before["liveupdate_number"] is None
+    image = tmp_path / "vmlinuz-7.2.13-luo"
+    image.write_bytes(b"image")
+    kernel.kexec_load(image, None, "liveupdate=on")
+    child = os.fork()
+    if child == 0:  # the kexec ends its caller, as the real one does
+        with LiveUpdateDevice.open(kernel) as dev:
+            dev.create_session("s")
+            kernel.reboot_kexec()
+    os.waitpid(child, 0)
+    after = json.loads(run("probe", "--json", "--kernel", kernel.spec).stdout)
+    assert after["boot_id"] not in (None, before["boot_id"])
+    assert after["running_kernel"] == "7.2.13-luo"
+    assert after["liveupdate_number"] == 1
+    text = run("probe", "--kernel", kernel.spec).stdout.splitlines()
+    assert ["running", "kernel", "7.2.13-luo"] in [line.split() for line in text]
+
+
 def test_probe_busy_device(tmp_path: Path) -> None:
     from orchestrator.luo import LiveUpdateDevice
     from orchestrator.luo.sim import SimKernel

@@ -52,6 +52,8 @@ def _render_probe(report: ProbeReport) -> str:
     yes = {True: "yes", False: "no", None: "unknown"}
     rows = [
         ("kernel", report.kernel),
+        ("running kernel", report.running_kernel or "-"),
+        ("boot id", report.boot_id or "-"),
         ("/dev/liveupdate", yes[report.device_present]),
         ("ABI", report.abi or "-"),
         ("liveupdate=on", yes[report.liveupdate_on_cmdline]),

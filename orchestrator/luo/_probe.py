@@ -64,6 +64,8 @@ class ProbeReport:
     possible: bool = False
     reason: str = ""
     exit_code: int = EXIT_NOT_POSSIBLE
+    boot_id: str | None = None
+    running_kernel: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -151,6 +153,20 @@ def _try_kinds(preserve: Callable[[int, int], None]) -> tuple[KindResult, ...]:
     return tuple(results)
 
 
+def _boot_id(kernel: Kernel) -> str | None:
+    try:
+        return kernel.boot_id()
+    except OSError:
+        return None
+
+
+def _release(kernel: Kernel) -> str:
+    """The running kernel's release; a simulated kernel has its own
+    (``SimKernel.release``), fleet automation compares it with its target."""
+    release = getattr(kernel, "release", None)
+    return str(release()) if callable(release) else os.uname().release
+
+
 def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> ProbeReport:
     """Probe *kernel* (default: ``$LIVEUPDATE_KERNEL`` or this host's)."""
     k = (
@@ -176,6 +192,8 @@ def probe(kernel: Kernel | str | None = None, *, try_kinds: bool = True) -> Prob
         "kho": kho,
         "liveupdate_number": liveupdate_number(k),
         "kexec_loaded": k.kexec_loaded(),
+        "boot_id": _boot_id(k),
+        "running_kernel": _release(k),
     }
     try:
         fd = k.open_device()

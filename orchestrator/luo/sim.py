@@ -7,7 +7,7 @@ shared by every process that names the same directory (``sim:DIR``)::
 
     DIR/
       current -> boot-3          the running "kernel" (replaced atomically at kexec)
-      boot-3/kernel.json         abi, boot id, liveupdate number, command line
+      boot-3/kernel.json         abi, boot id, liveupdate number, command line, release
       boot-3/kmsg                its kernel log
       boot-3/kexec.json          the loaded next kernel, if any
       boot-3/out/<hex name>/     sessions created in this boot (lock + files.json)
@@ -64,6 +64,15 @@ SEALS_KNOWN: Final = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20
 """MEMFD_LUO_ALL_SEALS: SEAL, SHRINK, GROW, WRITE, FUTURE_WRITE, EXEC."""
 FAULTS_FILE: Final = "faults.json"
 DEFAULT_CMDLINE: Final = "console=ttyS0 liveupdate=on"
+DEFAULT_RELEASE: Final = "sim"
+"""The release of a simulated kernel's first boot (``uname -r`` of a real one)."""
+
+
+def release_of(image: str | os.PathLike[str]) -> str:
+    """The release a kernel image boots, from its file name as distributions
+    name them: ``/boot/vmlinuz-7.2.13-luo`` -> ``7.2.13-luo``."""
+    name = Path(image).name
+    return name.removeprefix("vmlinuz-") or name
 
 
 def _err(code: int) -> OSError:
@@ -150,7 +159,7 @@ class SimKernel:
         (self.root / "participants").mkdir(exist_ok=True)
         with self._mutex():
             if not (self.root / "current").exists():
-                self._new_boot(1, abi, 0, DEFAULT_CMDLINE)
+                self._new_boot(1, abi, 0, DEFAULT_CMDLINE, DEFAULT_RELEASE)
 
     @classmethod
     def existing(cls, root: Path) -> SimKernel:
@@ -190,7 +199,14 @@ class SimKernel:
     def abi(self) -> str:
         return str(self.info()["abi"])
 
-    def _new_boot(self, gen: int, abi: str, number: int, cmdline: str) -> Path:
+    def release(self) -> str:
+        """The running boot's release: the image's, after a kexec (see
+        :func:`release_of`)."""
+        return str(self.info().get("release", DEFAULT_RELEASE))
+
+    def _new_boot(
+        self, gen: int, abi: str, number: int, cmdline: str, release: str
+    ) -> Path:
         path = self.root / f"boot-{gen}"
         shutil.rmtree(path, ignore_errors=True)
         (path / "out").mkdir(parents=True)
@@ -201,6 +217,7 @@ class SimKernel:
             "generation": gen,
             "liveupdate_number": number,
             "cmdline": cmdline,
+            "release": release,
             "booted_at": time.time(),
             # The simulated kernel's clock starts here (see since_boot).
             "booted_boottime": time.clock_gettime(time.CLOCK_BOOTTIME),
@@ -683,7 +700,11 @@ class SimKernel:
         with self._mutex():
             info = self.info()
             nxt = self._new_boot(
-                int(info["generation"]) + 1, info["abi"], 0, DEFAULT_CMDLINE
+                int(info["generation"]) + 1,
+                info["abi"],
+                0,
+                DEFAULT_CMDLINE,
+                self.release(),
             )
             old = os.readlink(self.root / "current")
             tmp = self.root / "current.tmp"
@@ -701,7 +722,9 @@ class SimKernel:
         loaded = _read_json(self.boot / "kexec.json")
         gen = int(info["generation"]) + 1
         number = int(info["liveupdate_number"])
-        nxt = self._new_boot(gen, info["abi"], number, loaded["cmdline"])
+        nxt = self._new_boot(
+            gen, info["abi"], number, loaded["cmdline"], release_of(loaded["kernel"])
+        )
         carried = 0
         if info["abi"] == "merged":
             for path, record in self._live_files():

@@ -38,6 +38,7 @@ class Status:
     retries: int = 0
     blackout_s: float | None = None
     blackout_wall_s: float | None = None
+    plugin_blackouts: dict[str, float] = field(default_factory=dict)
     boots: list[str] = field(default_factory=list)
     liveupdate_number: int | None = None
     interrupted: bool = False  # the last run never ended and nothing runs it
@@ -114,6 +115,7 @@ def summarize(state_dir: Path) -> Status:
     status.retries = len(run.retries)
     status.blackout_s = run.blackout_s
     status.blackout_wall_s = run.blackout_wall_s
+    status.plugin_blackouts = dict(run.plugin_blackouts)
     status.boots = list(run.boots)
     status.liveupdate_number = run.liveupdate_number
     return status

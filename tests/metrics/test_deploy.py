@@ -54,11 +54,20 @@ def test_rules_unit_tests() -> None:
     assert "SUCCESS" in done.stdout
 
 
-def dashboard_queries() -> list[pytest.ParameterSet]:
+ROLLOUT = "liveupdate_rollout_"
+"""The rollout panels' metrics, pushed by the fleet role: tests/fleet checks them."""
+
+
+def dashboard_queries(*, rollout: bool = False) -> list[pytest.ParameterSet]:
+    """The dashboard's queries, Grafana's variables expanded: the host panels'
+    (default), or the rollout panels' (*rollout*)."""
     doc: dict[str, Any] = json.loads(DASHBOARD.read_text())
     found = []
     for panel in doc["panels"]:
-        for target in panel.get("targets", []):
+        targets = panel.get("targets", [])
+        if any(ROLLOUT in t["expr"] for t in targets) != rollout:
+            continue
+        for target in targets:
             expr = target["expr"]
             for name, value in VARIABLES.items():
                 expr = expr.replace(name, value)
@@ -74,6 +83,7 @@ def test_dashboard_is_well_formed() -> None:
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
     assert len(dashboard_queries()) >= 15
+    assert len(dashboard_queries(rollout=True)) >= 4
     exprs = " ".join(p.values[0] for p in dashboard_queries())  # type: ignore[misc]
     for metric in ("blackout", "phase_duration", "updates_total", "retries_total"):
         assert re.search(rf"liveupdate_\w*{metric}", exprs), metric

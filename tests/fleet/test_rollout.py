@@ -1,0 +1,528 @@
+"""Rollouts of the luo.liveupdate collection across a fleet of simulated hosts.
+
+Ansible reaches every host over real SSH; each host is a network, mount and
+PID namespace whose simulated kexec ends all its processes (see
+:mod:`tests.fleet._fleet`); a real Prometheus scrapes every host. Every
+scenario asserts on the hosts themselves: their boot, kernel release,
+liveupdate number, journal and the workload bytes their agent holds.
+
+Each test installs a release of its own, so that no test depends on another's
+leftovers: a host is "already current" only if this test updated it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from tests.metrics._servers import query
+
+from ._fleet import wait_until
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from tests.metrics._servers import Server
+
+    from ._fleet import Fleet, Host
+
+PLAYBOOKS = Path(__file__).parent / "playbooks"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "liveupdate.json"
+)
+ROLLOUT_BY_STATUS = (
+    'sum by (status) (liveupdate_rollout_host_status{job="liveupdate_rollout"})'
+)
+
+
+def rollout_panel_queries() -> list[str]:
+    """The dashboard's rollout panels' queries (they use no Grafana variable)."""
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [
+        t["expr"]
+        for panel in doc["panels"]
+        for t in panel.get("targets", [])
+        if "liveupdate_rollout_" in t["expr"]
+    ]
+    assert ROLLOUT_BY_STATUS in exprs
+    return exprs
+
+
+def _snapshot(host: Host) -> dict[str, Any]:
+    info = host.kernel_info()
+    return {
+        "boot_id": info["boot_id"],
+        "release": info["release"],
+        "number": info["liveupdate_number"],
+    }
+
+
+def rollout(
+    fleet: Fleet,
+    workdir: Path,
+    *,
+    check: bool = False,
+    **variables: Any,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run the role over the fleet; its process and the summary it wrote."""
+    summary = workdir / "summary.json"
+    summary.unlink(missing_ok=True)
+    extra = {
+        "rolling_update_playbook": "/media/playbook.yaml",
+        "rolling_update_summary_file": str(summary),
+        "rolling_update_reboot_timeout": 60,
+        "rolling_update_resume_timeout": 60,
+        "liveupdate_state_dir": "/media/state",
+        **variables,
+    }
+    (workdir / "vars.json").write_text(json.dumps(extra))
+    inventory = fleet.inventory(workdir / "inventory.json")
+    proc = fleet.playbook(
+        PLAYBOOKS / "rollout.yml",
+        inventory,
+        "-e",
+        f"@{workdir / 'vars.json'}",
+        check=check,
+    )
+    data = json.loads(summary.read_text()) if summary.exists() else {}
+    return proc, data
+
+
+def _explain(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+
+
+def _updated(host: Host, before: dict[str, Any], release: str) -> None:
+    now = _snapshot(host)
+    assert now["boot_id"] != before["boot_id"], host.name
+    assert now["release"] == release, host.name
+    assert now["number"] == before["number"] + 1, host.name
+    status = host.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "completed"), status
+
+
+def _untouched(host: Host, before: dict[str, Any]) -> None:
+    assert _snapshot(host) == before, host.name
+
+
+def _data_intact(fleet: Fleet, host: Host) -> None:
+    wait_until(f"{host.name} up", host.up)
+    assert host.data_digest() == fleet.digests[host.name], host.name
+
+
+def test_canary_and_waves_complete(
+    healthy: Fleet, prometheus: Server, pushgateway: Server, workdir: Path
+) -> None:
+    fleet = healthy
+    release = fleet.target("6.19.1-waves")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        rolling_update_prometheus_url=prometheus.url,
+        rolling_update_blackout_budget=30,
+        rolling_update_gate_interval=1,
+        rolling_update_gate_successes=2,
+        rolling_update_gate_timeout=60,
+        rolling_update_pushgateway_url=pushgateway.url,
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in fleet.hosts:
+        _updated(host, before[host.name], release)
+        _data_intact(fleet, host)
+    assert sorted(summary["updated"]) == sorted(h.name for h in fleet.hosts)
+    assert summary["failed"] == summary["not_started"] == []
+    # 4 hosts in waves of 1, 10% (1), 50% (2): three waves, three gates passed.
+    assert [r["wave"] for r in sorted(summary["hosts"], key=lambda r: r["host"])] == [
+        "1",
+        "2",
+        "3",
+        "3",
+    ]
+    assert [g["passed"] for g in summary["gates"]] == [True, True, True]
+    blackouts = [float(r["blackout_s"]) for r in summary["hosts"]]
+    assert float(summary["blackout_max_s"]) == max(blackouts)
+    assert float(summary["blackout_p50_s"]) == sorted(blackouts)[1]
+    # Each host's result reached the Pushgateway; the dashboard's rollout
+    # panels show them once Prometheus has scraped it.
+    by_status = wait_until(
+        "the rollout in Prometheus",
+        lambda: (
+            {
+                s["metric"]["status"]: float(s["value"][1])
+                for s in query(prometheus, ROLLOUT_BY_STATUS)
+            }.get("updated")
+            == 4
+            and query(prometheus, ROLLOUT_BY_STATUS)
+        ),
+    )
+    assert {s["metric"]["status"]: s["value"][1] for s in by_status}["failed"] == "0"
+    for expr in rollout_panel_queries():
+        assert query(prometheus, expr), expr
+
+    # Run again: every host is already current, nothing reboots.
+    again = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    assert proc.returncode == 0, _explain(proc)
+    assert sorted(summary["already_current"]) == sorted(again)
+    for host in fleet.hosts:
+        _untouched(host, again[host.name])
+
+
+def test_refused_freeze_cancels_the_host_and_stops_the_rollout_then_resumes(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """host1 (wave 2) has a kernel that refuses the freeze: it is cancelled, back
+    in NORMAL on the same boot with its bytes intact, and wave 3 is never
+    started. Run again once the fault is gone: host0 is already current, the
+    rest are updated."""
+    fleet = healthy
+    canary, bad, *later = fleet.hosts
+    release = fleet.target("6.19.2-freeze")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    bad.kernel.inject_fault("freeze", "EIO")
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    assert proc.returncode != 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    _untouched(bad, before[bad.name])
+    status = bad.status()
+    assert (status["state"], status["outcome"]) == ("NORMAL", "cancelled"), status
+    _data_intact(fleet, bad)
+    for host in later:
+        _untouched(host, before[host.name])
+    assert summary["updated"] == [canary.name]
+    assert summary["failed"] == [bad.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in later)
+    (result,) = [r for r in summary["hosts"] if r["host"] == bad.name]
+    assert result["cancelled"] is True
+    assert "back in NORMAL and was not rebooted" in result["msg"], result
+    assert "wave 2" in summary["stop_reason"]
+
+    bad.kernel.inject_fault("freeze", None)
+    middle = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    assert proc.returncode == 0, _explain(proc)
+    _untouched(canary, middle[canary.name])
+    for host in (bad, *later):
+        _updated(host, middle[host.name], release)
+        _data_intact(fleet, host)
+    assert summary["already_current"] == [canary.name]
+    assert sorted(summary["updated"]) == sorted(h.name for h in (bad, *later))
+
+
+def _gate_rollout(
+    fleet: Fleet, prometheus: Server, workdir: Path, release: str, **variables: Any
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], dict[str, Any]]:
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        rolling_update_prometheus_url=prometheus.url,
+        rolling_update_gate_interval=1,
+        rolling_update_gate_successes=2,
+        rolling_update_waves=[1, "100%"],
+        **variables,
+    )
+    canary, *rest = fleet.hosts
+    _updated(canary, before[canary.name], release)
+    for host in rest:
+        _untouched(host, before[host.name])
+    assert proc.returncode != 0, _explain(proc)
+    assert summary["updated"] == [canary.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+    (gate,) = summary["gates"]
+    assert gate["passed"] is False
+    return proc, summary, gate
+
+
+def test_gate_sees_a_blackout_over_budget_and_stops(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    release = healthy.target("6.19.3-budget")
+    _, summary, gate = _gate_rollout(
+        healthy,
+        prometheus,
+        workdir,
+        release,
+        rolling_update_blackout_budget=0.000001,
+        rolling_update_gate_timeout=60,
+    )
+    assert gate["reason"].startswith("blackout under budget: "), gate
+    seen = [
+        v["value"]
+        for r in gate["rounds"]
+        for c in r["checks"]
+        if c["name"] == "blackout under budget"
+        for v in c["values"]
+    ]
+    assert seen, gate
+    assert seen[-1] > 0.000001
+    assert "gate failed" in summary["stop_reason"]
+
+
+def test_gate_with_no_data_holds_then_fails_at_its_deadline(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    release = healthy.target("6.19.4-nodata")
+    _, _, gate = _gate_rollout(
+        healthy,
+        prometheus,
+        workdir,
+        release,
+        rolling_update_gate_timeout=4,
+        rolling_update_gate_checks=[
+            {
+                "name": "never exported",
+                "query": 'liveupdate_no_such_metric{instance=~"{{ _luo_wave_instances }}"}',
+                "condition": "== 1",
+            }
+        ],
+    )
+    assert gate["reason"] == "deadline: never exported: no data after 4 s", gate
+    # It held: evaluated again and again, every round without data.
+    assert len(gate["rounds"]) >= 3
+    assert all(r["checks"][0]["no_data"] for r in gate["rounds"])
+
+
+def test_unreachable_host_stops_the_rollout(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    canary, lost, *later = fleet.hosts
+    release = fleet.target("6.19.5-link")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    lost.set_link(False)
+    proc, summary = rollout(fleet, workdir, rolling_update_target_kernel=release)
+    lost.set_link(True)
+    assert proc.returncode != 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    for host in (lost, *later):
+        _untouched(host, before[host.name])
+    (result,) = [r for r in summary["hosts"] if r["host"] == lost.name]
+    assert result["status"] == "unreachable"
+    assert summary["failed"] == [lost.name]
+    assert sorted(summary["not_started"]) == sorted(h.name for h in later)
+
+
+def test_host_not_back_within_reboot_timeout_fails_and_stops(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The canary's kexec happens, but the host it boots has no sshd: the task
+    fails at reboot_timeout and no later wave is touched."""
+    fleet = healthy
+    canary, *rest = fleet.hosts
+    release = fleet.target("6.19.11-gone")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    (canary.disk / "no-sshd").touch()
+    try:
+        proc, summary = rollout(
+            fleet,
+            workdir,
+            rolling_update_target_kernel=release,
+            rolling_update_reboot_timeout=5,
+        )
+    finally:
+        (canary.disk / "no-sshd").unlink()
+        canary.kernel.reboot_cold()  # boots again, with sshd
+        wait_until(f"{canary.name} up", canary.up)
+        # A cold boot carries nothing: the workload hands its data over again.
+        fleet.digests[canary.name] = fleet.register_data(canary)
+    assert proc.returncode != 0
+    (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
+    assert result["status"] == "failed"
+    assert "did not come back within reboot_timeout (5 s)" in result["msg"], result
+    for host in rest:
+        _untouched(host, before[host.name])
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+
+
+def test_facts_are_the_hosts_own(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    out = workdir / "facts.json"
+    inventory = fleet.inventory(workdir / "inventory.json")
+    proc = fleet.playbook(
+        PLAYBOOKS / "facts.yml",
+        inventory,
+        "-e",
+        f"out={out} target={fleet.hosts[0].kernel.release()}",
+    )
+    assert proc.returncode == 0, _explain(proc)
+    facts = json.loads(out.read_text())
+    assert len(facts) == len(fleet.hosts)
+    for host, fact in zip(fleet.hosts, facts, strict=True):
+        info = host.kernel_info()
+        assert fact["boot_id"] == info["boot_id"]
+        assert fact["running_kernel"] == info["release"]
+        assert fact["liveupdate_number"] == info["liveupdate_number"]
+        assert fact["possible"] is True
+        assert fact["abi"] == "merged"
+        assert fact["agent_running"] is True
+        assert fact["agent_updating"] is False
+        assert fact["last_update"]["state"] == host.status()["state"]
+    assert facts[0]["target_running"] is True
+
+
+def test_check_mode_changes_nothing(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    release = fleet.target("6.19.6-check")
+    before = {h.name: (_snapshot(h), h.status()) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet, workdir, check=True, rolling_update_target_kernel=release
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in fleet.hosts:
+        assert (_snapshot(host), host.status()) == before[host.name]
+    assert summary["updated"] == []
+    assert sorted(r["status"] for r in summary["hosts"]) == ["planned"] * 4
+
+
+def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
+    fleet = healthy
+    release = fleet.target("6.19.7-window")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        rolling_update_not_after="2020-01-01T00:00:00+00:00",
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert summary["window_closed"] is True
+    assert sorted(summary["not_started"]) == sorted(h.name for h in fleet.hosts)
+
+
+@pytest.mark.parametrize(
+    ("variables", "said"),
+    [
+        pytest.param(
+            {"rolling_update_wavez": [1], "rolling_update_target_kernel": "x"},
+            "unknown variable(s) rolling_update_wavez",
+            id="unknown-variable",
+        ),
+        pytest.param(
+            {
+                "rolling_update_reboot_timeout": "soon",
+                "rolling_update_target_kernel": "x",
+            },
+            "rolling_update_reboot_timeout",
+            id="wrong-type",
+        ),
+        pytest.param({}, "rolling_update_target_kernel", id="missing-target"),
+    ],
+)
+def test_bad_role_variables_fail_before_any_host_is_touched(
+    healthy: Fleet, workdir: Path, variables: dict[str, Any], said: str
+) -> None:
+    fleet = healthy
+    fleet.target("6.19.8-bad")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(fleet, workdir, **variables)
+    assert proc.returncode != 0
+    assert said in proc.stdout, _explain(proc)
+    assert summary == {}
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert "Live-update this wave" not in proc.stdout
+
+
+def test_host_without_luo_fails_preflight_with_probes_reason(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The hosts probe the real kernel, which has no /dev/liveupdate here: the
+    canary fails preflight with probe's reason, not as a cancelled update, and
+    no host is updated."""
+    fleet = healthy
+    release = fleet.target("6.19.9-noluo")
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        rolling_update_target_kernel=release,
+        liveupdate_kernel="real",
+    )
+    assert proc.returncode != 0
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    (result,) = [r for r in summary["hosts"] if r["host"] == fleet.hosts[0].name]
+    assert result["status"] == "failed"
+    assert result["cancelled"] is False
+    assert result["msg"].startswith("preflight: no /dev/liveupdate"), result
+
+
+def test_host_already_updating_is_told_so_and_not_counted_failed(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """Another update runs on the canary (its agent holds the host lock): the
+    rollout says so, counts the canary busy rather than failed, and stops;
+    the update that was running is left alone."""
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.10-busy")
+    (canary.disk / "hang.yaml").write_text(
+        "name: maintenance\n"
+        "kernel: sim:/media/kernel\n"
+        "state_dir: /media/state\n"
+        "phases:\n"
+        "  quiesce:\n"
+        "    steps:\n"
+        "      - {plugin: faults, timeout: 300s, with: {hang: 300}}\n"
+    )
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    control = canary.root / "run" / "liveupdate" / "control.sock"
+    transport = httpx.HTTPTransport(uds=str(control))
+    with httpx.Client(
+        transport=transport, base_url="http://agent", timeout=30
+    ) as agent:
+        started = agent.post("/v1/updates", json={"playbook": "/media/hang.yaml"})
+        assert started.status_code == 202, started.text
+        try:
+            proc, summary = rollout(
+                fleet, workdir, rolling_update_target_kernel=release
+            )
+            assert agent.get("/v1/status").json()["agent"]["updating"] is True
+        finally:
+            assert agent.post("/v1/cancel").status_code == 202
+        wait_until(
+            "the maintenance update cancelled",
+            lambda: not agent.get("/v1/status").json()["agent"]["updating"],
+        )
+    assert proc.returncode != 0
+    for host in fleet.hosts:
+        _untouched(host, before[host.name])
+    assert summary["busy"] == [canary.name]
+    assert summary["failed"] == []
+    (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
+    assert "the host is updating" in result["msg"], result
+    assert canary.status()["outcome"] == "cancelled"
+    _data_intact(fleet, canary)
+
+
+def test_invalid_promql_fails_the_gate_with_prometheus_message(
+    fleet: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    out = workdir / "gate.json"
+    extra = {
+        "url": prometheus.url,
+        "out": str(out),
+        "checks": [{"name": "bad", "query": "sum(", "condition": "== 0"}],
+    }
+    (workdir / "vars.json").write_text(json.dumps(extra))
+    (workdir / "hosts").write_text(
+        f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n"
+    )
+    proc = fleet.playbook(
+        PLAYBOOKS / "gate.yml", workdir / "hosts", "-e", f"@{workdir / 'vars.json'}"
+    )
+    assert proc.returncode == 0, _explain(proc)
+    gate = json.loads(out.read_text())
+    assert gate["failed"] is True
+    assert gate["passed"] is False
+    assert gate["reason"].startswith("Prometheus: bad_data: "), gate
+    assert "parse error" in gate["reason"]
