@@ -17,6 +17,8 @@ in one boot: everything back, no kexec. Scenario ``qemu``
 VM kept across the kexec by the ``qemu`` plugin. Scenario ``sid``
 (:mod:`tests.vm.e2e_sid`): the engine scenario on Debian unstable's userland
 (a cached debootstrap root, :mod:`tests.vm.rootfs`) with its Python 3.14.
+Scenario ``qemu-sid``: scenario ``qemu`` on that root, whose QEMU 11.1 makes
+the plugin use ``cpr-reboot`` (in the default set).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
-from tests.vm.e2e_qemu import run_qemu
+from tests.vm.e2e_qemu import run_qemu, run_qemu_sid
 from tests.vm.e2e_sid import run_sid
 from tests.vm.harness import (
     Mark,
@@ -320,6 +322,7 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "cancel": run_cancel,
     "qemu": run_qemu,
     "sid": run_sid,
+    "qemu-sid": run_qemu_sid,
 }
 #: Run only when named (``--only NAME``), never by default.
 OPT_IN = frozenset({"qemu"})

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from tests.vm.harness import Scenario, Stage, run_scenario
 from tests.vm.report import liveupdate_numbers, section
-from tests.vm.rootfs import GUEST_PYTHON, RootfsBuildError, ensure_rootfs
+from tests.vm.rootfs import GUEST_PYTHON, RootfsBuildError, ensure_rootfs, precompile
 
 if TYPE_CHECKING:
     import argparse
@@ -62,6 +62,7 @@ def run_sid(kernel: Kernel, args: argparse.Namespace) -> list[str]:
         print(f"build time  {rootfs.build_seconds:.0f} s")
     for name, version in sorted(rootfs.versions.items()):
         print(f"  {name:16} {version}")
+    precompile(rootfs)
     result = run_scenario(
         sid_scenario(rootfs.guest_root()), kernel, echo=not args.quiet, accel=args.accel
     )

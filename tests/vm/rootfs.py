@@ -191,6 +191,33 @@ def install_shim(root: Path) -> None:
     tmp.rename(shim)
 
 
+def precompile(rootfs: Rootfs, log: Callable[[str], None] = _say) -> None:
+    """Write the checkout's bytecode for the *guest's* Python, on the host.
+
+    The guest sees the checkout read-only and does not write bytecode: without
+    this, its Python compiles every module it imports at every start (the host
+    only writes its own version's ``.pyc``; see ``tests.vm.e2e.precompile``).
+    Runs the tree's Python in a ``chroot`` with the checkout bind-mounted
+    where the guest mounts it; needs root, and is skipped without.
+    """
+    if os.geteuid() != 0:
+        log("not root: the guest's Python will compile the checkout at each start")
+        return
+    src = rootfs.path / GUEST_SRC.lstrip("/")
+    _bind(str(REPO_ROOT), src)
+    try:
+        _chroot(
+            rootfs.path,
+            GUEST_PYTHON,
+            "-m",
+            "compileall",
+            "-q",
+            *(f"{GUEST_SRC}/{sub}" for sub in ("orchestrator", "plugins", "tests")),
+        )
+    finally:
+        _umount(src)
+
+
 def find_cached_rootfs(key: str | None = None) -> Rootfs | None:
     """The cached tree for *key* (default: the current :func:`cache_key`)."""
     key = key or cache_key()
