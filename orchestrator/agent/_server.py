@@ -13,6 +13,13 @@ theirs is read: root, and the uids and gids given with
 ``--allow-uid``/``--allow-gid``; the socket file admits the same peers (see
 :mod:`orchestrator.agent._guard` for this and for the limits).
 
+Under systemd, every fd the agent holds for a workload is also parked in the
+service's fd store (:mod:`orchestrator.agent._fdstore`), named after its
+registration; an agent that starts again takes them back (``LISTEN_FDS``) and
+matches them with the registrations it had published, so a crash or a restart
+of the agent loses no workload's fd. A stored fd whose registration was not
+published (the agent died in between) is kept all the same, as root's.
+
 Dead clients: a request is one packet, so a client that dies mid-request
 registers nothing. A registration belongs to the agent once acknowledged: it
 stays (and goes through the next update) until its owner withdraws or
@@ -47,6 +54,14 @@ from orchestrator.errors import (
 )
 from orchestrator.luo._fds import describe_fd, shmem_can_preserve
 
+from ._fdstore import (
+    fd_store_support,
+    registration_fdname,
+    registration_name,
+    remove_fd,
+    store_fd,
+    systemd_version,
+)
 from ._guard import (
     InstanceLock,
     Limits,
@@ -59,11 +74,13 @@ from ._guard import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Sequence
 
     from orchestrator.engine._context import StepContext
     from orchestrator.engine._engine import Engine
     from orchestrator.luo import Kernel
+
+    from ._fdstore import StoredFd
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +137,9 @@ class AgentPlugin:
     async def lu_restore(self, ctx: StepContext) -> None:
         for meta in ctx.recorded("registrations", []):
             fd = (await ctx.retrieve(meta["name"])).detach()
-            self.agent.registrations[meta["name"]] = Registration(
-                **{**meta, "fd": fd, "state": "restored"}
-            )
+            reg = Registration(**{**meta, "fd": fd, "state": "restored"})
+            self.agent.registrations[meta["name"]] = reg
+            await self.agent.park(reg, replace=True)
         self.agent.frozen = False
 
     @hookimpl
@@ -224,6 +241,66 @@ class Agent:
                 f"({exc.strerror}); nothing changed"
             ) from exc
 
+    async def park(self, reg: Registration, *, replace: bool = False) -> None:
+        """Put *reg*'s fd in the service's fd store (a no-op outside systemd);
+        *replace* drops what was stored under its name first."""
+        fdname = registration_fdname(reg.name)
+        if replace:
+            await anyio.to_thread.run_sync(remove_fd, fdname, limiter=self.blocking)
+        await anyio.to_thread.run_sync(store_fd, reg.fd, fdname, limiter=self.blocking)
+
+    async def unpark(self, name: str) -> None:
+        """Drop registration *name*'s fd from the service's fd store."""
+        fdname = registration_fdname(name)
+        await anyio.to_thread.run_sync(remove_fd, fdname, limiter=self.blocking)
+
+    def _published(self) -> dict[str, dict[str, Any]]:
+        try:
+            items = json.loads((self.state_dir / REGISTRATIONS).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(items, list):
+            return {}
+        return {str(i["name"]): i for i in items if isinstance(i, dict) and "name" in i}
+
+    async def adopt(self, stored: Sequence[StoredFd]) -> None:
+        """Take back the fds the fd store handed over at start.
+
+        Each becomes the registration published under its name again; an fd
+        whose registration was not published is kept as root's (it was
+        stored, so its owner may not have been told "no"); one for a name
+        already held (restored by the update this start resumed) is closed,
+        as are fds not stored by the agent.
+        """
+        published = await anyio.to_thread.run_sync(
+            self._published, limiter=self.blocking
+        )
+        for item in stored:
+            name = registration_name(item.name)
+            if name is None or name in self.registrations:
+                logger.info("fd store: dropping %s (not needed)", item.name)
+                os.close(item.fd)
+                if name is None:
+                    await anyio.to_thread.run_sync(
+                        remove_fd, item.name, limiter=self.blocking
+                    )
+                continue
+            meta = published.get(name)
+            fields = _registration_fields(meta) if meta is not None else None
+            if fields is None:
+                logger.warning(
+                    "fd store: %r was stored but not published; kept, as root's", name
+                )
+                fields = {"uid": 0, "gid": 0, "pid": 0, "state": "registered"}
+            self.registrations[name] = Registration(
+                name=name,
+                fd=item.fd,
+                kind=describe_fd(item.fd),
+                size=os.fstat(item.fd).st_size,
+                **fields,
+            )
+            logger.info("fd store: took %r back", name)
+
     def allowed(self, peer: Peer) -> bool:
         return (
             peer.uid in self.allow_uids
@@ -317,6 +394,7 @@ class Agent:
                 [*(r.public() for r in self.registrations.values()), reg.public()]
             )
             self.registrations[name] = reg
+            await self.park(reg)  # before the answer: acknowledged means kept
         logger.info("registered %s (%s) from pid %d", name, reg.kind, peer.pid)
         return {"ok": True, "name": name, "kind": reg.kind, "size": reg.size}
 
@@ -368,6 +446,7 @@ class Agent:
                 [r.public() for r in self.registrations.values() if r is not reg]
             )
             del self.registrations[reg.name]
+            await self.unpark(reg.name)
         if what == "withdraw":
             os.close(reg.fd)
         return reg
@@ -441,6 +520,16 @@ class Agent:
             for fd in out:  # reclaimed: the peer has its own copy now
                 os.close(fd)
         return True
+
+
+def _registration_fields(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The owner and state of a published registration; None if malformed."""
+    try:
+        fields = {k: int(meta[k]) for k in ("uid", "gid", "pid")}
+        state = str(meta.get("state", "registered"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return {**fields, "state": state}
 
 
 def _close_unheld(fds: list[int], registrations: dict[str, Registration]) -> None:
@@ -517,6 +606,7 @@ async def run_agent(
     allow_gids: frozenset[int] = frozenset(),
     limits: Limits | None = None,
     *,
+    stored: Sequence[StoredFd] = (),
     task_status: anyio.abc.TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Take the agent's locks, resume an update the kexec interrupted, then
@@ -525,6 +615,10 @@ async def run_agent(
     Updates are started with ``{"op": "run", "playbook": PATH}``; the agent's
     own ``agent`` plugin preserves its registrations.
 
+    :param stored: the fds the service's fd store handed back at start
+        (:func:`orchestrator.agent._fdstore.listen_fds`); they are closed if
+        the agent does not start.
+
     :raises AgentBusyError: another agent serves this socket or state dir;
         nothing of it was touched.
     :raises AgentSetupError: the sockets or the fd limit are unusable.
@@ -532,18 +626,32 @@ async def run_agent(
     try:
         lock = instance_lock(socket_path, state_dir)
     except OSError as exc:
+        _close_stored(stored)
         raise AgentSetupError(
             Path(exc.filename or state_dir), exc.strerror or str(exc)
         ) from exc
-    lock.acquire()
+    try:
+        lock.acquire()
+    except BaseException:
+        _close_stored(stored)
+        raise
     try:
         agent = Agent(socket_path, state_dir, kernel, allow_uids, allow_gids, limits)
-        await _run_locked(agent, task_status)
+        await _run_locked(agent, task_status, stored)
     finally:
         lock.release()
 
 
-async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) -> None:
+def _close_stored(stored: Sequence[StoredFd]) -> None:
+    for item in stored:
+        os.close(item.fd)
+
+
+async def _run_locked(
+    agent: Agent,
+    task_status: anyio.abc.TaskStatus[Agent],
+    stored: Sequence[StoredFd],
+) -> None:
     from orchestrator.engine._engine import Engine, plugin_manager
     from orchestrator.engine._playbook import load_playbook
 
@@ -567,7 +675,10 @@ async def _run_locked(agent: Agent, task_status: anyio.abc.TaskStatus[Agent]) ->
             owner="agent",  # after the kexec the agent, not the boot unit, restores
         )
 
+    support = fd_store_support(await anyio.to_thread.run_sync(systemd_version))
+    logger.info("fd store: %s", support.reason)
     await _resume_own_update(state_dir, engine_for)
+    await agent.adopt(stored)
     await agent.save()
 
     async def run_update(engine: Engine) -> None:

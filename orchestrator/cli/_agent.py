@@ -33,13 +33,18 @@ def _fail(message: object) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    import functools
+
     import anyio
 
+    from orchestrator.agent._fdstore import listen_fds
     from orchestrator.agent._guard import Limits
     from orchestrator.agent._server import run_agent
     from orchestrator.errors import AgentBusyError, AgentSetupError
     from orchestrator.luo import kernel_from_spec
 
+    # First, before anything opens an fd: what the fd store handed back.
+    stored = listen_fds()
     kernel = kernel_from_spec(args.kernel)
     limits = Limits(
         idle_timeout=args.idle_timeout,
@@ -50,7 +55,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with anyio.create_task_group() as tg:
             agent = await tg.start(
-                run_agent,
+                functools.partial(run_agent, stored=stored),
                 Path(args.socket),
                 Path(args.state_dir),
                 kernel,

@@ -5,13 +5,18 @@ A VM is described by a :class:`VmSpec` (what to run) and, once started, by a
 ``REGISTRY/<name>.json``. Guest RAM is always a shared memory backend named
 ``ram`` and used as the machine's RAM (``-machine ...,memory-backend=ram``):
 
-- a fresh VM: ``memory-backend-memfd,share=on`` -- QEMU creates the memfd;
-- a restored VM: ``memory-backend-file,share=on,mem-path=/proc/self/fd/N`` on
-  an inherited memfd (the one preserved across the kexec), started with
-  ``-S -incoming defer`` so that its device state can be loaded first.
+- always ``memory-backend-file,share=on,mem-path=/proc/self/fd/N`` on an
+  inherited memfd: for a fresh VM one the launcher creates, for a restored VM
+  the one preserved across the kexec (started with ``-S -incoming defer`` so
+  that its device state can be loaded first).
 
 The RAM block keeps the id ``ram`` in both, which is what lets a migration
-stream with ``x-ignore-shared`` find it.
+stream with ``x-ignore-shared`` find it. Both sides must be the same kind of
+backend: QEMU 11.1 in ``cpr-reboot`` mode left out of the stream only shared
+RAM that is a *named file*; a ``memory-backend-memfd`` source sent its RAM
+(976,315 bytes of stream for a 32 MiB VM instead of ~300 KB) and the
+restoring QEMU, on a file backend, refused it ("block ram should not be
+migrated"). QEMU 7.2 took either.
 
 QEMU is started detached (new session, reparented away from the caller, so it
 outlives the orchestrator that started it), with stdout/stderr appended to
@@ -109,16 +114,13 @@ class VmInfo:
 
 
 def qemu_argv(
-    spec: VmSpec, qmp: Path, serial: Path, ram_fd: int | None, incoming: bool
+    spec: VmSpec, qmp: Path, serial: Path, ram_fd: int, incoming: bool
 ) -> list[str]:
-    """QEMU's command line for *spec*; RAM on inherited fd *ram_fd* if given."""
-    if ram_fd is None:
-        backend = f"memory-backend-memfd,id={RAM_ID},size={spec.ram_mib}M,share=on"
-    else:
-        backend = (
-            f"memory-backend-file,id={RAM_ID},size={spec.ram_mib}M,share=on,"
-            f"mem-path=/proc/self/fd/{ram_fd}"
-        )
+    """QEMU's command line for *spec*, its RAM on the inherited fd *ram_fd*."""
+    backend = (
+        f"memory-backend-file,id={RAM_ID},size={spec.ram_mib}M,share=on,"
+        f"mem-path=/proc/self/fd/{ram_fd}"
+    )
     argv = [
         QEMU,
         "-name",
@@ -191,7 +193,9 @@ def launch_vm(
     QEMU process is registered as one that the kexec ends.
 
     :param ram_fd: an fd of this process holding the guest RAM (a memfd); it
-        is inherited by QEMU under the same number.
+        is inherited by QEMU under the same number. Without it, a new memfd
+        of the spec's RAM size is made for QEMU (and closed here once QEMU
+        has it).
     :param incoming: start paused, waiting for ``migrate-incoming``.
     :raises VmError: QEMU exited or did not come up within *timeout* seconds.
     """
@@ -200,13 +204,22 @@ def launch_vm(
     qmp = registry / f"{spec.name}.qmp"
     log = registry / f"{spec.name}.log"
     qmp.unlink(missing_ok=True)
+    own_fd = None
+    if ram_fd is None:
+        try:
+            own_fd = ram_fd = os.memfd_create(f"{spec.name}-ram", os.MFD_CLOEXEC)
+            os.ftruncate(own_fd, spec.ram_size)
+        except OSError as exc:
+            if own_fd is not None:
+                os.close(own_fd)
+            raise VmError(spec.name, f"cannot make its guest RAM: {exc}") from exc
     argv = qemu_argv(spec, qmp, registry / f"{spec.name}.serial", ram_fd, incoming)
     with log.open("a") as out:
         out.write(f"--- {time.strftime('%F %T')} {' '.join(argv)}\n")
     try:
         done = subprocess.run(
             ["sh", "-c", _SPAWN, "sh", str(log), *argv],
-            pass_fds=() if ram_fd is None else (ram_fd,),
+            pass_fds=(ram_fd,),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -217,6 +230,9 @@ def launch_vm(
         pid = int(done.stdout)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         raise VmError(spec.name, f"cannot start {QEMU}: {exc}") from exc
+    finally:
+        if own_fd is not None:
+            os.close(own_fd)  # QEMU holds it now, under the same number
     deadline = time.monotonic() + timeout
     while not _connectable(qmp):
         if not running(pid):
@@ -256,7 +272,8 @@ def registered_vms(registry: Path) -> list[VmInfo]:
 def find_ram_fd(info: VmInfo) -> int:
     """The fd number, inside QEMU, of the VM's guest-RAM memfd.
 
-    QEMU's own memfd reads ``/memfd:memory-backend-memfd (deleted)``; one
+    Recorded at launch (:attr:`VmInfo.ram_fd`); for a VM published without
+    it, the fd is looked for: a memfd reads ``/memfd:NAME (deleted)``, one
     restored after a kexec may have lost its name (``/ (deleted)``). Either
     way it is an unlinked regular file exactly as large as guest RAM.
 

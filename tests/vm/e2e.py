@@ -14,7 +14,11 @@ and the floor-vs-orchestrator table. Scenario ``contract``
 across two kexecs. Scenario ``cancel``: a playbook that fails after PRESERVE,
 in one boot: everything back, no kexec. Scenario ``qemu``
 (:mod:`tests.vm.e2e_qemu`, opt-in: only with ``--only qemu``): a nested QEMU
-VM kept across the kexec by the ``qemu`` plugin.
+VM kept across the kexec by the ``qemu`` plugin. Scenario ``sid``
+(:mod:`tests.vm.e2e_sid`): the engine scenario on Debian unstable's userland
+(a cached debootstrap root, :mod:`tests.vm.rootfs`) with its Python 3.14.
+Scenario ``qemu-sid``: scenario ``qemu`` on that root, whose QEMU 11.1 makes
+the plugin use ``cpr-reboot`` (in the default set).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
@@ -34,7 +38,8 @@ from typing import TYPE_CHECKING
 from tests.vm.e2e_blackout import run_blackout
 from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
-from tests.vm.e2e_qemu import run_qemu
+from tests.vm.e2e_qemu import run_qemu, run_qemu_sid
+from tests.vm.e2e_sid import run_sid
 from tests.vm.harness import (
     Mark,
     Result,
@@ -318,6 +323,8 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "cancel": run_cancel,
     "blackout": run_blackout,
     "qemu": run_qemu,
+    "sid": run_sid,
+    "qemu-sid": run_qemu_sid,
 }
 #: Run only when named (``--only NAME``), never by default.
 OPT_IN = frozenset({"qemu"})

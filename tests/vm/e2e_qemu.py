@@ -10,10 +10,16 @@ nested VM's blackout (QMP ``stop`` -> ``cont``) is the restore step's
 ``blackout_s``.
 
 Run with ``python -m tests.vm.e2e --only qemu`` (not part of the default set).
+
+Scenario ``qemu-sid``: the same on the sid guest root (:mod:`tests.vm.rootfs`),
+whose QEMU 11.1 has the migration ``mode`` parameter, so the plugin uses
+``cpr-reboot``. Both check that the plugin chose the mode of the QEMU it
+found: ``cpr-reboot`` from QEMU 8.2 on, ``x-ignore-shared`` alone before.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,12 +44,14 @@ from tests.vm.report import (
 if TYPE_CHECKING:
     import argparse
 
-    from tests.vm.harness import Result
+    from tests.vm.harness import GuestRoot, Result
     from tests.vm.kernel import Kernel
 
 BOOT_S = Path(__file__).resolve().parents[1] / "plugins" / "guest" / "boot.S"
 GUEST_OUT = "/run/luo-vm/out"  # == tests.vm.guest_init.OUT_MOUNT
 NESTED_MIB = 32
+#: The first QEMU with the migration ``mode`` parameter and ``cpr-reboot``.
+CPR_REBOOT_SINCE = (8, 2)
 
 
 def build_boot_image(out: Path) -> Path:
@@ -70,17 +78,39 @@ def build_boot_image(out: Path) -> Path:
     return image
 
 
+def _mode_failures(pre: dict[str, Any] | None, post: dict[str, Any]) -> list[str]:
+    """The plugin must have chosen the mode the QEMU it found has: cpr-reboot
+    from QEMU 8.2 on, x-ignore-shared alone before."""
+    version = qemu_version(str((pre or {}).get("qemu_version") or ""))
+    modes = cpr_modes(post.get("journal"))
+    if version is None or not modes:
+        return [f"qemu: no QEMU version ({version}) or no recorded mode ({modes})"]
+    want = version >= CPR_REBOOT_SINCE
+    mode = "cpr-reboot" if want else "x-ignore-shared"
+    print(f"  migration mode     {mode} (QEMU {version[0]}.{version[1]})")
+    if any(m != want for m in modes):
+        return [f"qemu: QEMU {version[0]}.{version[1]} should have used {mode}"]
+    return []
+
+
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def qemu_scenario(mib: int = NESTED_MIB, timeout: float = 900.0) -> Scenario:
+def qemu_scenario(
+    mib: int = NESTED_MIB, timeout: float = 900.0, root: GuestRoot | None = None
+) -> Scenario:
+    """On the host's root (QEMU 7.2) or, with *root*, on another (sid: QEMU 11)."""
+
+    def python(*args: str) -> tuple[str, ...]:
+        return (root.python, *args) if root is not None else python_argv(*args)
+
     return Scenario(
-        "qemu",
+        "qemu" if root is None else "qemu-sid",
         stages=(
             Stage(
                 "pre",
-                python_argv(
+                python(
                     "-m",
                     "tests.vm.qemu_guest",
                     "pre",
@@ -90,9 +120,10 @@ def qemu_scenario(mib: int = NESTED_MIB, timeout: float = 900.0) -> Scenario:
                     str(mib),
                 ),
             ),
-            Stage("post", python_argv("-m", "tests.vm.qemu_guest", "post")),
+            Stage("post", python("-m", "tests.vm.qemu_guest", "post")),
         ),
         timeout=timeout,
+        root=root,
     )
 
 
@@ -135,7 +166,48 @@ def nested_breakdown(
 
 
 def run_qemu(kernel: Kernel, args: argparse.Namespace) -> list[str]:
-    scenario = qemu_scenario(NESTED_MIB, max(args.timeout, 900.0))
+    return run_nested(qemu_scenario(NESTED_MIB, max(args.timeout, 900.0)), kernel, args)
+
+
+def run_qemu_sid(kernel: Kernel, args: argparse.Namespace) -> list[str]:
+    """The nested VM on the sid root: QEMU 11.1, so the ``cpr-reboot`` mode."""
+    from tests.vm.rootfs import RootfsBuildError, ensure_rootfs, precompile
+
+    try:
+        rootfs = ensure_rootfs()
+    except RootfsBuildError as exc:
+        return [f"the sid root could not be built: {exc}"]
+    precompile(rootfs)
+    scenario = qemu_scenario(
+        NESTED_MIB, max(args.timeout, 900.0), root=rootfs.guest_root()
+    )
+    return run_nested(scenario, kernel, args)
+
+
+def qemu_version(text: str) -> tuple[int, int] | None:
+    """``(11, 1)`` from ``QEMU emulator version 11.1.3 (...)``."""
+    m = re.search(r"QEMU emulator version (\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cpr_modes(journal: object) -> list[bool]:
+    """The ``cpr`` flag of every VM the qemu plugin recorded in the journal."""
+    found: list[bool] = []
+    if isinstance(journal, dict):
+        if "cpr" in journal and "qemu" in journal:
+            found.append(bool(journal["cpr"]))
+        for value in journal.values():
+            found += cpr_modes(value)
+    elif isinstance(journal, list):
+        for value in journal:
+            found += cpr_modes(value)
+    return found
+
+
+def run_nested(
+    scenario: Scenario, kernel: Kernel, args: argparse.Namespace
+) -> list[str]:
+    """Run a nested-VM scenario and check what came back (see the module doc)."""
     out_dir = new_out_dir(scenario)
     build_boot_image(out_dir)
     result = run_scenario(
@@ -193,6 +265,7 @@ def run_qemu(kernel: Kernel, args: argparse.Namespace) -> list[str]:
         )
         if not checks:
             failures.append("qemu post: no checks reported")
+        failures += _mode_failures(pre, post)
         section("qemu: nested VM blackout breakdown (host serial clock)")
         journal = post.get("journal")
         nested_breakdown(

@@ -33,6 +33,7 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,9 @@ ROOT_TAG = "hostroot"
 OUT_TAG = "luo-out"
 DEFAULT_OUT_BASE = REPO_ROOT / ".state" / "vm"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SRC_TAG = "luo-src"
+#: Where the guest finds the kernel to kexec when its root is not the host's.
+GUEST_OUT = "/run/luo-vm/out"
 
 
 def venv_python() -> str:
@@ -82,6 +86,33 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class GuestRoot:
+    """A root filesystem other than the host's ``/`` (see :mod:`tests.vm.rootfs`).
+
+    The tree is shared read-only as the guest's root; the checkout is shared
+    read-only too and mounted at ``src`` by the root's boot shim (the
+    executable ``init``), which then runs ``exec_init`` -- the harness's
+    Python init, or another PID 1 such as systemd.
+    """
+
+    #: Host path of the tree.
+    path: Path
+    #: Guest path of the venv's Python (runs the stages and the harness init).
+    python: str
+    #: Guest path where the checkout is mounted.
+    src: str
+    #: Guest path of the boot shim given to the kernel as ``init=``.
+    init: str
+    #: What the shim execs once the checkout is mounted: empty = the harness's
+    #: init (``python -S <src>/tests/vm/guest_init.py``).
+    exec_init: tuple[str, ...] = ()
+
+    @property
+    def venv(self) -> str:
+        return str(Path(self.python).parent.parent)
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A chain of stages; each but the last is expected to end in a kexec."""
 
@@ -93,6 +124,8 @@ class Scenario:
     timeout: float = 600.0
     #: Extra kernel parameters (added to every kernel of the chain).
     kernel_args: tuple[str, ...] = ()
+    #: The guest's root: None = the host's own ``/``.
+    root: GuestRoot | None = None
 
     @classmethod
     def pre_post(
@@ -317,6 +350,25 @@ def choose_accel(kernel: Kernel) -> str:
 
 
 def base_kernel_args(scenario: Scenario) -> list[str]:
+    root = scenario.root
+    if root is not None:
+        shim = ["luovm.exec=" + ",".join(root.exec_init)] if root.exec_init else []
+        return [
+            "console=ttyS0,115200",
+            "earlyprintk=serial,ttyS0,115200",
+            "panic=-1",
+            "liveupdate=on",
+            "printk.devkmsg=on",
+            f"root={ROOT_TAG}",
+            "rootfstype=9p",
+            "rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose",
+            "ro",
+            f"init={root.init}",
+            f"luovm.out={OUT_TAG}",
+            f"luovm.src={SRC_TAG}",
+            *shim,
+            *scenario.kernel_args,
+        ]
     return [
         "console=ttyS0,115200",
         "earlyprintk=serial,ttyS0,115200",
@@ -336,9 +388,10 @@ def base_kernel_args(scenario: Scenario) -> list[str]:
 def kernel_cmdline(scenario: Scenario, stage: str) -> str:
     """The full command line of a kernel that runs ``stage`` ("" = power off)."""
     words = [*base_kernel_args(scenario), f"luovm.stage={stage or '-'}"]
-    # init = the venv's python; "-S": the init needs no site-packages and
-    # every file Python reads at startup is a 9p round trip under TCG.
-    words += ["--", "-S", str(GUEST_INIT)]
+    if scenario.root is None:
+        # init = the venv's python; "-S": the init needs no site-packages and
+        # every file Python reads at startup is a 9p round trip under TCG.
+        words += ["--", "-S", str(GUEST_INIT)]
     line = " ".join(words)
     if len(line) >= 2048:
         raise ValueError(f"kernel command line too long ({len(line)} bytes)")
@@ -348,6 +401,8 @@ def kernel_cmdline(scenario: Scenario, stage: str) -> str:
 def qemu_argv(
     scenario: Scenario, kernel: Kernel, out_dir: Path, accel: str
 ) -> list[str]:
+    root = scenario.root
+    root_path = str(root.path) if root is not None else "/"
     argv = [
         "qemu-system-x86_64",
         "-nographic",
@@ -365,7 +420,8 @@ def qemu_argv(
         "-append",
         kernel_cmdline(scenario, scenario.stages[0].name),
         "-fsdev",
-        "local,id=fsroot,path=/,security_model=none,readonly=on,multidevs=remap",
+        f"local,id=fsroot,path={root_path},security_model=none,readonly=on,"
+        "multidevs=remap",
         "-device",
         f"virtio-9p-pci,fsdev=fsroot,mount_tag={ROOT_TAG}",
         "-fsdev",
@@ -373,6 +429,14 @@ def qemu_argv(
         "-device",
         f"virtio-9p-pci,fsdev=fsout,mount_tag={OUT_TAG}",
     ]
+    if root is not None:
+        argv += [
+            "-fsdev",
+            f"local,id=fssrc,path={REPO_ROOT},security_model=none,readonly=on,"
+            "multidevs=remap",
+            "-device",
+            f"virtio-9p-pci,fsdev=fssrc,mount_tag={SRC_TAG}",
+        ]
     if accel == "kvm":
         argv += ["-enable-kvm", "-cpu", "host"]
     else:
@@ -388,13 +452,24 @@ def _write_spec(scenario: Scenario, kernel: Kernel, out_dir: Path) -> None:
         stages.append(
             {"name": s.name, "argv": list(s.argv), "env": dict(s.env), "next": nxt}
         )
-    venv = str(Path(venv_python()).parent.parent)
+    root = scenario.root
+    if root is None:
+        venv, cwd, image = (
+            str(Path(venv_python()).parent.parent),
+            str(REPO_ROOT),
+            str(kernel.bzimage),
+        )
+    else:
+        # The host's files are out of the guest's sight: the kernel to kexec
+        # travels in the out share.
+        shutil.copy2(kernel.bzimage, out_dir / "bzImage")
+        venv, cwd, image = root.venv, root.src, f"{GUEST_OUT}/bzImage"
     spec = {
         "scenario": scenario.name,
-        "cwd": str(REPO_ROOT),
+        "cwd": cwd,
         "venv": venv,
         "path": f"{venv}/bin:{SYSTEM_PATH}",
-        "kernel": str(kernel.bzimage),
+        "kernel": image,
         "stages": stages,
         "cmdlines": {n: kernel_cmdline(scenario, n) for n in [*names, ""]},
     }
