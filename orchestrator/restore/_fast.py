@@ -247,6 +247,7 @@ def restore(
     marker = os.path.join(state_dir, STARTED_FILE)
     earlier = os.path.exists(marker)  # an interrupted attempt started commands
     exclude = {os.getpid(), keeper.pid}
+    marks = -1
     # Start each command as soon as its file is back: the keeper retrieves the
     # next while the ones already started load.
     for s in started:
@@ -265,14 +266,21 @@ def restore(
             if s.pid is not None:
                 s.ready = time.monotonic()
             else:
-                with open(marker, "a") as f:  # before: a crash may follow any time
-                    f.write(f"{s.action['key']}\n")
+                if marks < 0:  # before the first start: a crash may follow any time
+                    marks = os.open(
+                        marker,
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                        0o600,
+                    )
+                os.write(marks, f"{s.action['key']}\n".encode())
                 _spawn(s, fd.fileno())
                 crash_point("spawn")
         except Exception as exc:  # noqa: BLE001
             s.error = f"start: {exc}"
         finally:
             fd.close()
+    if marks >= 0:
+        os.close(marks)
     for s in started:
         if s.reader >= 0:
             try:
