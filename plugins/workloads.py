@@ -49,6 +49,7 @@ import anyio.to_thread
 
 from orchestrator import Option, TransientError, hookimpl, option_value
 from orchestrator.demo import WorkloadError, ask, launch, launch_argv, wait_published
+from orchestrator.luo import holds_same_file
 
 if TYPE_CHECKING:
     from orchestrator import StepContext
@@ -108,13 +109,10 @@ def _serving(registry: Path, name: str, fd: int) -> dict[str, Any] | None:
     file *fd* is (restore is idempotent: a resume run again adopts it)."""
     try:
         info: dict[str, Any] = json.loads((registry / f"{name}.json").read_text())
-        theirs = os.stat(f"/proc/{int(info['pid'])}/fd/{int(info['fd'])}")
+        pid, number = int(info["pid"]), int(info["fd"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    ours = os.fstat(fd)
-    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
-        return None
-    return info if _running(int(info["pid"])) else None
+    return info if holds_same_file(pid, number, fd) else None
 
 
 def _entries(registry: Path) -> list[dict[str, Any]]:

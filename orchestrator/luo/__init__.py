@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         TokenNotFoundError,
         UnsupportedFileError,
     )
-    from ._fds import OwnedFd, describe_fd
+    from ._fds import OwnedFd, describe_fd, holds_same_file
     from ._kernel import DEVICE_PATH, KERNEL_ENV, Kernel, RealKernel, kernel_from_spec
     from ._rfc import RfcDevice
     from ._rfcstate import RfcState
@@ -62,6 +62,7 @@ __all__ = [
     "TokenNotFoundError",
     "UnsupportedFileError",
     "describe_fd",
+    "holds_same_file",
     "kernel_from_spec",
 ]
 
@@ -72,6 +73,7 @@ _WHERE = {
     "RfcDevice": "._rfc",
     "OwnedFd": "._fds",
     "describe_fd": "._fds",
+    "holds_same_file": "._fds",
     "DEVICE_PATH": "._kernel",
     "KERNEL_ENV": "._kernel",
     "Kernel": "._kernel",

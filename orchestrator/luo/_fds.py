@@ -147,3 +147,18 @@ def _fs_type(path: str) -> str:
         if under and len(mnt) > len(best):
             best, kind = mnt, fstype
     return kind
+
+
+def holds_same_file(pid: int, number: int, fd: int) -> bool:
+    """Whether process *pid* -- alive, not a zombie -- has, as its fd
+    *number*, the very file *fd* is (same device and inode): a workload
+    serving a preserved file, found through ``/proc``."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/fd/{number}")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    ours = os.fstat(fd)
+    same = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+    return same and state not in (b"Z", b"X")

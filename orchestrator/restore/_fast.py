@@ -101,20 +101,16 @@ def _published(path: str) -> dict[str, Any] | None:
 def serving(published: str, fd: int) -> int | None:
     """The pid of a live process that published *published* and serves the
     very file *fd* is, else None."""
+    from orchestrator.luo._fds import holds_same_file
+
     info = _published(published)
     if info is None:
         return None
     try:
-        pid, theirs_fd = int(info["pid"]), int(info["fd"])
-        theirs = os.stat(f"/proc/{pid}/fd/{theirs_fd}")
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pid, number = int(info["pid"]), int(info["fd"])
+    except (TypeError, KeyError, ValueError):
         return None
-    ours = os.fstat(fd)
-    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
-        return None
-    return None if state in (b"Z", b"X") else pid
+    return pid if holds_same_file(pid, number, fd) else None
 
 
 def _holders(fd: int, exclude: set[int]) -> set[int]:

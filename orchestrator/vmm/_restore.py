@@ -103,15 +103,14 @@ def frozen_path(state_dir: Path, name: str) -> Path:
 def restored_vm(registry: Path, name: str, ram_fd: int) -> dict[str, Any] | None:
     """What :func:`restore_vm` recorded of VM *name*, if that QEMU still runs
     on the very RAM *ram_fd* is; else None."""
+    from orchestrator.luo import holds_same_file
+
     try:
         record: dict[str, Any] = json.loads(restored_path(registry, name).read_text())
-        theirs = os.stat(f"/proc/{int(record['pid'])}/fd/{int(record['fd'])}")
+        pid, number = int(record["pid"]), int(record["fd"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    ours = os.fstat(ram_fd)
-    if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
-        return None
-    return record
+    return record if holds_same_file(pid, number, ram_fd) else None
 
 
 async def restore_vm(
