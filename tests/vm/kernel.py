@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FRAGMENT = REPO_ROOT / "deploy" / "vm" / "luo.config"
-#: Fragments that go on top of FRAGMENT for a kernel with more in it, by name.
-EXTRA_FRAGMENTS = {"systemd": REPO_ROOT / "deploy" / "vm" / "systemd.config"}
 SOURCE_PACKAGE = "linux-source-7.2"
 SUITE = "sid"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -97,31 +95,6 @@ def cache_root() -> Path:
 
 def fragment_digest(fragment: Path = FRAGMENT) -> str:
     return hashlib.sha256(fragment.read_bytes()).hexdigest()[:12]
-
-
-def combined_fragment(extras: Sequence[str], base: Path = FRAGMENT) -> Path:
-    """*base* followed by the named :data:`EXTRA_FRAGMENTS`, as one file.
-
-    Written under the cache (``fragments/``); its digest, hence the kernel's
-    cache key, differs from *base*'s, so the base kernel stays as it is.
-    """
-    if not extras:
-        return base
-    unknown = [name for name in extras if name not in EXTRA_FRAGMENTS]
-    if unknown:
-        raise KernelBuildError(
-            f"unknown fragment(s) {unknown}; known: {sorted(EXTRA_FRAGMENTS)}"
-        )
-    text = base.read_text() + "".join(
-        f"\n# --- {name}: {EXTRA_FRAGMENTS[name].name}\n"
-        + EXTRA_FRAGMENTS[name].read_text()
-        for name in extras
-    )
-    out = cache_root() / "fragments" / f"{base.stem}+{'+'.join(extras)}.config"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.is_file() or out.read_text() != text:
-        out.write_text(text)
-    return out
 
 
 def required_options(fragment: Path = FRAGMENT) -> list[str]:
@@ -499,18 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="build or locate the LUO test kernel")
     p.add_argument("--refresh", action="store_true", help="check sid for updates")
     p.add_argument("-j", "--jobs", type=int, default=None)
-    p.add_argument(
-        "--with",
-        dest="extras",
-        action="append",
-        default=[],
-        choices=sorted(EXTRA_FRAGMENTS),
-        help="build with this fragment on top of luo.config (repeatable)",
-    )
     args = p.parse_args(argv)
     try:
-        fragment = combined_fragment(args.extras)
-        k = ensure_kernel(fragment=fragment, refresh=args.refresh, jobs=args.jobs)
+        k = ensure_kernel(refresh=args.refresh, jobs=args.jobs)
     except KernelBuildError as e:
         print(f"[kernel] ERROR: {e}", flush=True)
         return 1
