@@ -133,17 +133,25 @@ def _serial_check(
     unseen = zero - t_jump
     diff = serial - (float(end["mono_s"]) + unseen)
     tolerance = SERIAL_TOLERANCE + SERIAL_RATE * serial
+    # The new kernel's clocksource: the jiffies clock loses ticks under load.
+    clock = [
+        ln.text.rsplit(" ", 1)[-1]
+        for ln in result.serial
+        if t_jump < ln.t < t1 and "Switched to clocksource" in ln.text
+    ]
+    source = clock[-1] if clock else "?"
     line = (
         f"  round {k}: serial {serial:8.3f} s = journal {end['mono_s']:8.3f} s + "
         f"unseen (kexec -> new kernel's clock) {unseen:6.3f} s {diff:+.3f} s "
-        f"(bound {tolerance:.3f}); wall clocks {end.get('wall_s', 0):8.3f} s"
+        f"(bound {tolerance:.3f}); wall clocks {end.get('wall_s', 0):8.3f} s; "
+        f"clocksource {source}"
     )
     fails = []
     if abs(diff) > tolerance or unseen < 0:
         fails.append(
             f"orchestrator round {k}: journal {end['mono_s']:.3f} s + unseen "
             f"{unseen:.3f} s differs from the serial clock's {serial:.3f} s by more "
-            f"than {tolerance:.3f} s"
+            f"than {tolerance:.3f} s (new kernel's clocksource: {source})"
         )
     return line, fails
 
