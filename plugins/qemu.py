@@ -4,9 +4,10 @@ The VMs are the ones published in a registry directory by
 :func:`orchestrator.vmm.launch_vm` (``REGISTRY/<name>.json``: pid, QMP socket,
 the spec to start the same machine again). Guest RAM is a shared memfd.
 
-- quiesce: each VM answers QMP and runs; ``x-ignore-shared`` is set (and, on a
-  QEMU with the migration ``mode`` parameter, ``mode=cpr-reboot``), so that the
-  migration stream holds device state only, not RAM.
+- quiesce: each VM answers QMP, runs and has the migration mode asked for;
+  then ``x-ignore-shared`` is set (and, in ``cpr-reboot`` mode, the migration
+  ``mode`` parameter), so that the migration stream holds device state only,
+  not RAM.
 - preserve: the guest-RAM memfd, opened through ``/proc/PID/fd/N``, goes to
   ``ctx.preserve()`` while the VM runs (the kernel takes its contents at the kexec).
 - freeze: QMP ``stop`` (**the VM's blackout starts**), then ``migrate`` the device
@@ -31,6 +32,11 @@ Options (``with:``), on any step of this plugin (declared in :data:`OPTIONS`):
 - ``probe`` (quiesce or freeze step): guest-physical addresses whose 32-bit
   words are recorded at the freeze and must read the same in the new QEMU
   before it resumes;
+- ``mode`` (quiesce step): how the device state crosses the kexec:
+  ``cpr-reboot`` (QEMU >= 8.2), ``x-ignore-shared`` (any QEMU) or ``auto``
+  (the default: ``cpr-reboot`` where the QEMU has it). Every VM is checked
+  before any is changed: a QEMU without the mode asked for fails the quiesce,
+  naming its version, and nothing was touched;
 - ``qmp_timeout``: seconds for each QMP command (default 30);
 - ``migrate_timeout``: seconds for saving or loading device state (default 120).
 """
@@ -96,6 +102,26 @@ def _probe_problem(value: int | str | list[Any]) -> str | None:
     return None
 
 
+MODES = ("auto", "cpr-reboot", "x-ignore-shared")
+
+
+def _mode_problem(value: str) -> str | None:
+    if value in MODES:
+        return None
+    return f"expected one of {', '.join(MODES)}, got {value!r:.40}"
+
+
+def _cpr(vm: str, mode: str, has_cpr: bool, version: tuple[int, int, int]) -> bool:
+    """Whether *vm* crosses the kexec in ``cpr-reboot`` mode."""
+    if mode == "cpr-reboot" and not has_cpr:
+        raise VmError(
+            vm,
+            f"QEMU {'.'.join(map(str, version))} has no cpr-reboot migration "
+            "mode (QEMU >= 8.2 has it); use mode: x-ignore-shared or auto",
+        )
+    return has_cpr and mode != IGNORE_SHARED
+
+
 OPTIONS = (
     Option(
         "registry",
@@ -118,6 +144,15 @@ OPTIONS = (
         "must read the same in the new QEMU before it resumes",
         default_doc="none",
         check=_probe_problem,
+    ),
+    Option(
+        "mode",
+        str,
+        "quiesce step: how the device state crosses the kexec: cpr-reboot "
+        "(QEMU >= 8.2), x-ignore-shared (any QEMU) or auto (cpr-reboot where "
+        "the QEMU has it)",
+        default="auto",
+        check=_mode_problem,
     ),
     Option(
         "qmp_timeout",
@@ -278,24 +313,33 @@ class QemuPlugin:
     async def lu_quiesce(self, ctx: StepContext) -> None:
         chosen = _selected(ctx)
         probes = _probes(ctx)
-        entries = []
+        mode = str(option_value(_options(ctx), OPTIONS, "mode"))
+        # Every VM is checked before any is changed ...
+        checked = []
         for vm in chosen:
             async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
                 status = await _status(qmp)
                 if status != "running":
                     raise VmError(vm.name, f"is {status!r}, not running")
                 params = await qmp.execute("query-migrate-parameters")
-                cpr = "mode" in params  # QEMU >= 8.2: cpr-reboot exists
+                # QEMU >= 8.2 has the "mode" parameter, hence cpr-reboot.
+                cpr = _cpr(vm.name, mode, "mode" in params, qmp.version)
+                checked.append((vm, cpr, qmp.version))
+        # ... and each is recorded as soon as it is changed: the rollback
+        # undoes exactly those.
+        entries: list[dict[str, Any]] = []
+        for vm, cpr, version in checked:
+            async with open_qmp(vm.qmp, command_timeout=_qmp_timeout(ctx)) as qmp:
                 await set_migration(qmp, True, cpr)
-                entries.append({**vm.to_json(), "cpr": cpr, "qemu": qmp.version})
-                ctx.log.info(
-                    "VM %s (QEMU %s, pid %d): %s",
-                    vm.name,
-                    ".".join(map(str, qmp.version)),
-                    vm.pid,
-                    "cpr-reboot" if cpr else "x-ignore-shared",
-                )
-        ctx.record("vms", entries)
+            entries.append({**vm.to_json(), "cpr": cpr, "qemu": version})
+            ctx.record("vms", entries)
+            ctx.log.info(
+                "VM %s (QEMU %s, pid %d): %s",
+                vm.name,
+                ".".join(map(str, version)),
+                vm.pid,
+                "cpr-reboot" if cpr else IGNORE_SHARED,
+            )
         if probes:
             ctx.record("probe", probes)
 

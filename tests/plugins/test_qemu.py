@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.observe._metrics import register_metrics
 from orchestrator.restore._journal import read_journal
-from orchestrator.vmm import running
+from orchestrator.vmm import VmSpec, launch_vm, running
 
 from .conftest import assert_pattern
 from .guest_vm import COUNTER, PROBES, wait_counting, words
@@ -37,12 +37,17 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.kexec
 
 
-def playbook(host: VmHost, extra_freeze: list[dict[str, Any]] | None = None) -> Path:
+def playbook(
+    host: VmHost,
+    extra_freeze: list[dict[str, Any]] | None = None,
+    mode: str = "auto",
+) -> Path:
     image = host.state / "vmlinuz-next"
     image.write_bytes(b"simulated kernel image\n")
     qemu: dict[str, Any] = {"plugin": "qemu"}
+    quiesce = {"vms": ["vm0"], "probe": PROBES, "mode": mode}
     phases: dict[str, list[dict[str, Any]]] = {
-        "quiesce": [{"plugin": "qemu", "with": {"vms": ["vm0"], "probe": PROBES}}],
+        "quiesce": [{"plugin": "qemu", "with": quiesce}],
         "preserve": [qemu],
         "prepare": [{"plugin": "kexec"}],
         "freeze": [qemu, *(extra_freeze or [])],
@@ -206,6 +211,89 @@ def test_cancel_in_freeze_resumes_the_same_vm(vm_host: VmHost) -> None:
     counter, boots = words(vm.qmp, COUNTER, 2)
     assert boots == 1
     wait_counting(vm.qmp, above=counter)
+
+
+def test_a_qemu_without_the_mode_asked_for_fails_the_quiesce_untouched(
+    vm_host: VmHost,
+) -> None:
+    """Asking for cpr-reboot of a QEMU older than 8.2 cancels the update at
+    the quiesce, naming the version, with the VM as it was."""
+    vm = vm_host.vm
+    if qmp_version(vm.qmp) >= (8, 2):
+        pytest.skip("this QEMU has cpr-reboot")
+    run = liveupdate("run", str(playbook(vm_host, mode="cpr-reboot")))
+    assert run.returncode == 5, run.stdout + run.stderr
+    version = ".".join(map(str, qmp_version(vm.qmp)))
+    assert f"QEMU {version} has no cpr-reboot" in run.stdout
+    state = json.loads(
+        liveupdate("status", "--state-dir", str(vm_host.state), "--json").stdout
+    )
+    assert (state["state"], state["outcome"]) == ("NORMAL", "cancelled")
+    assert status(vm.qmp) == "running"
+    assert capabilities(vm.qmp)["x-ignore-shared"] is False
+
+
+def test_every_vm_is_checked_before_any_is_changed(
+    vm_host: VmHost, guest_image: Path
+) -> None:
+    """vm0 runs, vm1 is paused: the quiesce fails on vm1 and vm0's migration
+    settings are as before (a later ordinary migration must carry its RAM)."""
+    image = vm_host.state / "vm1.img"  # QEMU locks vm0's image for writing
+    image.write_bytes(guest_image.read_bytes())
+    spec = VmSpec(name="vm1", image=str(image), ram_mib=64)
+    vm1 = launch_vm(vm_host.registry, spec, vm_host.kernel.spec)
+    vm_host.pids.add(vm1.pid)
+    wait_counting(vm1.qmp)
+    qmp_execute(vm1.qmp, "stop")
+    book = playbook(vm_host)
+    doc = json.loads(book.read_text())
+    doc["phases"]["quiesce"]["steps"][0]["with"]["vms"] = ["vm0", "vm1"]
+    book.write_text(json.dumps(doc))
+
+    run = liveupdate("run", str(book))
+    assert run.returncode == 5, run.stdout + run.stderr
+    assert "vm1" in run.stdout
+    assert "not running" in run.stdout
+    assert status(vm_host.vm.qmp) == "running"
+    assert capabilities(vm_host.vm.qmp)["x-ignore-shared"] is False
+    assert status(vm1.qmp) == "paused"
+
+
+def test_a_mode_that_does_not_exist_is_refused_at_load(vm_host: VmHost) -> None:
+    book = playbook(vm_host, mode="cpr-transfer")
+    plan = liveupdate("plan", str(book))
+    assert plan.returncode == 2, plan.stdout + plan.stderr
+    assert "mode" in plan.stderr
+    assert "expected one of auto, cpr-reboot, x-ignore-shared" in plan.stderr
+
+
+def qmp_execute(qmp_path: str, command: str) -> Any:
+    import anyio
+
+    from orchestrator.vmm import open_qmp
+
+    async def execute() -> Any:
+        async with open_qmp(qmp_path) as qmp:
+            return await qmp.execute(command)
+
+    return anyio.run(execute)
+
+
+def qmp_version(qmp_path: str) -> tuple[int, int, int]:
+    import anyio
+
+    from orchestrator.vmm import open_qmp
+
+    async def greet() -> tuple[int, int, int]:
+        async with open_qmp(qmp_path) as qmp:
+            return qmp.version
+
+    return anyio.run(greet)
+
+
+def capabilities(qmp_path: str) -> dict[str, bool]:
+    reply = qmp_execute(qmp_path, "query-migrate-capabilities")
+    return {c["capability"]: bool(c["state"]) for c in reply}
 
 
 def _cmdline(proc: Path) -> str:
