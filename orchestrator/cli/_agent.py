@@ -18,12 +18,14 @@ if TYPE_CHECKING:
 
 EXIT_REFUSED = 1  # the agent refused the request, or could not start
 EXIT_USAGE = 2  # bad arguments: an fd that is not open, a bad name
+EXIT_NOT_POSSIBLE = 3  # no live update on this host (the unit does not restart)
 EXIT_BUSY = 4  # another agent already serves this socket or state dir
 EXIT_UNREACHABLE = 6  # no agent answers on the socket
 
 _EXIT_CODES = (
     "Exit codes: 0 ok; 1 the agent refused the request (or could not start); "
-    "2 bad usage (e.g. --fd not open); 4 another agent already serves this "
+    "2 bad usage (e.g. --fd not open); 3 (agent) no live update on this host; "
+    "4 another agent already serves this "
     "socket or state dir; 6 no agent answers on the socket."
 )
 
@@ -42,10 +44,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from orchestrator.agent._server import run_agent
     from orchestrator.errors import AgentBusyError, AgentSetupError
     from orchestrator.luo import kernel_from_spec
+    from orchestrator.luo._probe import probe
 
     # First, before anything opens an fd: what the fd store handed back.
     stored = listen_fds()
     kernel = kernel_from_spec(args.kernel)
+    # A host without LUO has nothing for an agent to do: say why and exit 3,
+    # which the unit does not restart (RestartPreventExitStatus=3). A busy
+    # device (a keeper, a running update) is no reason not to start.
+    report = probe(kernel, try_kinds=False)
+    if report.exit_code == EXIT_NOT_POSSIBLE:
+        _fail(f"no live update on this host, the agent stops: {report.reason}")
+        return EXIT_NOT_POSSIBLE
     limits = Limits(
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,

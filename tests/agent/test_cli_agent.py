@@ -10,7 +10,7 @@ import anyio.to_thread
 import pytest
 
 from orchestrator.luo.sim import SimKernel
-from tests.cli._util import liveupdate, one_line
+from tests.cli._util import ROOT, liveupdate, one_line
 
 if TYPE_CHECKING:
     import subprocess
@@ -86,3 +86,25 @@ def test_agent_that_cannot_start_exits_1(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "exists and is not a socket; not replacing it" in one_line(done)
     assert blocker.read_text() == "not a socket"
+
+
+@pytest.mark.skipif(os.path.exists("/dev/liveupdate"), reason="this host has LUO")
+def test_an_agent_on_a_host_without_luo_says_why_and_exits_3(tmp_path: Path) -> None:
+    """Exit status 3 is the one the unit does not restart."""
+    sock = tmp_path / "agent.sock"
+    done = liveupdate(
+        "agent",
+        "--kernel",
+        "real",
+        "--socket",
+        str(sock),
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    line = one_line(done)
+    assert "no live update on this host" in line
+    assert "no /dev/liveupdate" in line
+    assert not sock.exists()
+    unit = (ROOT / "deploy/systemd/liveupdate-agent.service").read_text()
+    assert "\nRestartPreventExitStatus=3\n" in unit
