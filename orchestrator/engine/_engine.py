@@ -671,6 +671,8 @@ class Engine:
                 self._log(
                     "restore_path",
                     begin_wall=fast["begin"]["wall"],
+                    # The actions' started/ready times are on this clock.
+                    begin_mono=fast["begin"]["mono"],
                     end_wall=fast["end"]["wall"],
                     seconds=round(fast["end"]["mono"] - fast["begin"]["mono"], 6),
                     done=fast["done"],
