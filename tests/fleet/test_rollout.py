@@ -496,8 +496,108 @@ def test_host_already_updating_is_told_so_and_not_counted_failed(
     assert summary["busy"] == [canary.name]
     assert summary["failed"] == []
     (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
-    assert "the host is updating" in result["msg"], result
+    assert "another update is running on this host" in result["msg"], result
     assert canary.status()["outcome"] == "cancelled"
+    _data_intact(fleet, canary)
+
+
+def test_second_update_racing_past_preflight_is_refused_by_the_host_lock(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """Two live_update runs on one host, the second past its preflight before
+    the first starts: the agent refuses the second (409 ``update_running``,
+    ``liveupdate run`` exits 7), which fails that run with the reason; the
+    first is not disturbed and completes, the data intact.
+
+    The race is made deterministic with a seam, not a fake: the second run's
+    ``liveupdate_command`` is a script on the host that holds ``plan`` until
+    the first update runs, then execs the real ``liveupdate``.
+    """
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.12-race")
+    book = (canary.disk / "playbook.yaml").read_text()
+    (canary.disk / "slow.yaml").write_text(
+        book.replace(
+            "phases:\n",
+            "phases:\n"
+            "  quiesce:\n"
+            "    steps:\n"
+            "      - {plugin: faults, timeout: 60s, with: {hang: 15}}\n",
+        )
+    )
+    held = canary.disk / "held-liveupdate"
+    held.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = plan ]; then\n'
+        "  touch /media/second-planning\n"
+        "  while [ ! -e /media/go ]; do sleep 0.1; done\n"
+        "fi\n"
+        f'exec {Path(sys.executable).parent / "liveupdate"} "$@"\n'
+    )
+    held.chmod(0o755)
+    before = _snapshot(canary)
+    inventory = fleet.inventory(workdir / "inventory.json")
+
+    def start(name: str, **variables: str) -> subprocess.Popen[str]:
+        extra = {
+            "target_host": canary.name,
+            "release": release,
+            "out": str(workdir / f"{name}.json"),
+            **variables,
+        }
+        (workdir / f"{name}-vars.json").write_text(json.dumps(extra))
+        return fleet.start_playbook(
+            PLAYBOOKS / "update.yml",
+            inventory,
+            "-e",
+            f"@{workdir / f'{name}-vars.json'}",
+        )
+
+    control = canary.root / "run" / "liveupdate" / "control.sock"
+    transport = httpx.HTTPTransport(uds=str(control))
+    first = second = None
+    try:
+        with httpx.Client(
+            transport=transport, base_url="http://agent", timeout=30
+        ) as agent:
+            second = start(
+                "second", book="/media/playbook.yaml", command="/media/held-liveupdate"
+            )
+            wait_until(
+                "the second run past preflight",
+                (canary.disk / "second-planning").exists,
+                120,
+            )
+            assert agent.get("/v1/status").json()["agent"]["updating"] is False
+            first = start("first", book="/media/slow.yaml")
+            wait_until(
+                "the first update running",
+                lambda: agent.get("/v1/status").json()["agent"]["updating"],
+                120,
+            )
+            (canary.disk / "go").touch()
+            out, err = second.communicate(timeout=240)
+            assert agent.get("/v1/status").json()["agent"]["updating"] is True
+        out1, err1 = first.communicate(timeout=240)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for name in ("held-liveupdate", "second-planning", "go", "slow.yaml"):
+            (canary.disk / name).unlink(missing_ok=True)
+    refused = json.loads((workdir / "second.json").read_text())
+    assert refused["failed"] is True, (refused, out, err)
+    assert refused["locked"] is True, refused
+    assert refused["changed"] is False
+    assert refused["outcome"] == "not started"
+    assert "another update is running on this host" in refused["msg"], refused
+    assert not refused["msg"].startswith("preflight"), refused
+    done = json.loads((workdir / "first.json").read_text())
+    assert done.get("failed") is not True, (done, out1, err1)
+    assert (done["changed"], done["outcome"]) == (True, "completed"), done
+    _updated(canary, before, release)
     _data_intact(fleet, canary)
 
 

@@ -19,6 +19,13 @@ display = Display()
 
 FACTS = "luo.liveupdate.liveupdate_facts"
 EXIT_CANCELLED = 5
+# liveupdate run: the agent answered 409 "code": "update_running" (the host lock)
+EXIT_UPDATING = 7
+LOCKED = (
+    "another update is running on this host (its agent holds the host lock "
+    "until that update ends); this one was not started and the running one "
+    "goes on"
+)
 
 FACT_OPTIONS = (
     "liveupdate_command",
@@ -138,7 +145,7 @@ class ActionModule(ActionBase):
         if not facts["agent_running"]:
             return facts["agent_error"] or "the agent does not answer"
         if facts["agent_updating"]:
-            return "the host is updating: its agent runs another update (another rollout holds this host)"
+            return LOCKED
         return None
 
     @staticmethod
@@ -197,6 +204,11 @@ class ActionModule(ActionBase):
 
     def _refused(self, result, run, params, task_vars):
         """The update ended before any kexec: cancelled, or never started."""
+        if run["rc"] == EXIT_UPDATING:
+            # Told by the exit code alone: the journal now shows the other
+            # update, which is not this task's to report.
+            result.update(failed=True, locked=True, outcome="not started", msg=LOCKED)
+            return result
         facts = self._facts(task_vars, params)
         last = facts["last_update"]
         said = (run["stderr"] or run["stdout"]).strip()
@@ -216,12 +228,6 @@ class ActionModule(ActionBase):
                     last["state"],
                     "REBOOTED" if rebooted else "not rebooted",
                 ),
-            )
-        elif "409" in said or "already" in said or "runs" in said:
-            result.update(
-                locked=True,
-                outcome="not started",
-                msg="the host is updating (another rollout holds it): " + said,
             )
         else:
             result.update(
