@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,7 @@ def rollout(
     workdir: Path,
     *,
     check: bool = False,
+    forks: int | None = None,
     **variables: Any,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """Run the role over the fleet; its process and the summary it wrote."""
@@ -87,6 +89,7 @@ def rollout(
         inventory,
         "-e",
         f"@{workdir / 'vars.json'}",
+        *(("--forks", str(forks)) if forks else ()),
         check=check,
     )
     data = json.loads(summary.read_text()) if summary.exists() else {}
@@ -393,6 +396,98 @@ def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
         _untouched(host, before[host.name])
     assert summary["window_closed"] is True
     assert sorted(summary["not_started"]) == sorted(h.name for h in fleet.hosts)
+
+
+def _slow(host: Host, seconds: int) -> None:
+    """Make *host*'s update (of the last :meth:`Fleet.target`) hang in quiesce."""
+    book = host.disk / "playbook.yaml"
+    book.write_text(
+        book.read_text().replace(
+            "phases:\n",
+            "phases:\n"
+            "  quiesce:\n"
+            "    steps:\n"
+            f"      - {{plugin: faults, timeout: 120s, with: {{hang: {seconds}}}}}\n",
+        )
+    )
+
+
+def _in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def test_window_closing_during_the_canary_starts_no_later_wave(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The window closes while the canary updates: the canary finishes, and the
+    role starts no later wave -- it does not even reach its hosts (one of them
+    is unreachable, and is not counted failed). The play ends cleanly."""
+    fleet = healthy
+    canary, lost, *later = fleet.hosts
+    release = fleet.target("6.19.13-window-waves")
+    _slow(canary, 25)
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    lost.set_link(False)
+    try:
+        proc, summary = rollout(
+            fleet,
+            workdir,
+            rolling_update_target_kernel=release,
+            rolling_update_waves=[1, "100%"],
+            rolling_update_not_after=_in(15),
+        )
+    finally:
+        lost.set_link(True)
+    assert proc.returncode == 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    _data_intact(fleet, canary)
+    for host in (lost, *later):
+        _untouched(host, before[host.name])
+    assert summary["updated"] == [canary.name]
+    assert summary["failed"] == []
+    assert sorted(summary["not_started"]) == sorted(h.name for h in (lost, *later))
+    assert summary["window_closed"] is True
+    assert summary["stop_reason"].endswith("before wave 2"), summary
+    assert f"not started: {lost.name}, " in proc.stdout, _explain(proc)
+
+
+def test_window_closing_during_a_wave_leaves_no_host_half_updated(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """One wave of four, two hosts at a time: the window closes while the first
+    two update. They finish (NORMAL, completed, data intact); the other two are
+    never started; the play ends cleanly and says which were not started."""
+    fleet = healthy
+    first = fleet.hosts[:2]
+    rest = fleet.hosts[2:]
+    release = fleet.target("6.19.14-window-wave")
+    for host in first:
+        _slow(host, 25)
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        forks=2,
+        rolling_update_target_kernel=release,
+        rolling_update_waves=["100%"],
+        rolling_update_not_after=_in(15),
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in first:
+        _updated(host, before[host.name], release)
+        _data_intact(fleet, host)
+    for host in rest:
+        _untouched(host, before[host.name])
+        assert host.status()["state"] == "NORMAL"
+    assert sorted(summary["updated"]) == sorted(h.name for h in first)
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+    assert summary["failed"] == []
+    assert summary["window_closed"] is True
+    assert summary["stop_reason"].endswith("during wave 1"), summary
+    for result in summary["hosts"]:
+        if result["host"] in {h.name for h in rest}:
+            assert "maintenance window closed" in result["msg"], result
+    assert "not started: {}, {}".format(*(h.name for h in rest)) in proc.stdout
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
-import datetime
 import shlex
 import time
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
+from ansible_collections.luo.liveupdate.plugins.filter.window_closed import (
+    window_closed,
+)
 from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
     LIVE_UPDATE_SPEC as ARGUMENT_SPEC,
 )
@@ -34,18 +36,6 @@ FACT_OPTIONS = (
     "control_socket",
     "target_kernel",
 )
-
-
-def _deadline_passed(not_after):
-    try:
-        end = datetime.datetime.fromisoformat(not_after)
-    except ValueError as exc:
-        raise AnsibleError(
-            f"not_after: {not_after} is not an ISO 8601 time ({exc})"
-        ) from exc
-    if end.tzinfo is None:
-        end = end.replace(tzinfo=datetime.UTC)
-    return datetime.datetime.now(datetime.UTC) > end
 
 
 class ActionModule(ActionBase):
@@ -88,7 +78,7 @@ class ActionModule(ActionBase):
                 msg="{} already runs".format(params["target_kernel"]),
             )
             return result
-        if params["not_after"] and _deadline_passed(params["not_after"]):
+        if params["not_after"] and window_closed(params["not_after"]):
             result.update(
                 skipped=True,
                 not_started=True,
