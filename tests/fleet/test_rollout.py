@@ -24,6 +24,7 @@ import pytest
 from tests.metrics._servers import query
 
 from ._fleet import wait_until
+from ._host import METRICS_PORT, WORKLOAD_FAILS
 
 if TYPE_CHECKING:
     import subprocess
@@ -289,6 +290,52 @@ def test_gate_with_no_data_holds_then_fails_at_its_deadline(
     # It held: evaluated again and again, every round without data.
     assert len(gate["rounds"]) >= 3
     assert all(r["checks"][0]["no_data"] for r in gate["rounds"])
+
+
+def test_gate_sees_a_workload_that_did_not_come_back_and_stops(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    """The canary's update completes, but its workload exits as it starts in
+    the new boot: the default gate's "workloads healthy" check sees it (the
+    host's metrics endpoint reads the workload's published pid) and no later
+    wave is started."""
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.15-workload")
+    assert (
+        query(
+            prometheus,
+            f'liveupdate_workload_running{{instance="{canary.address}:{METRICS_PORT}",'
+            'workload="app"}',
+        )[0]["value"][1]
+        == "1"
+    )
+    (canary.disk / WORKLOAD_FAILS).touch()
+    try:
+        _, summary, gate = _gate_rollout(
+            fleet,
+            prometheus,
+            workdir,
+            release,
+            rolling_update_blackout_budget=30,
+            rolling_update_gate_timeout=10,
+        )
+    finally:
+        (canary.disk / WORKLOAD_FAILS).unlink()
+        canary.kernel.reboot_cold()  # boots again, its workload with it
+        wait_until(f"{canary.name} up", canary.up)
+        fleet.digests[canary.name] = fleet.register_data(canary)
+    assert gate["reason"].startswith("workloads healthy: "), gate
+    seen = [
+        v["value"]
+        for r in gate["rounds"]
+        for c in r["checks"]
+        if c["name"] == "workloads healthy"
+        for v in c["values"]
+    ]
+    assert seen, gate
+    assert seen[-1] == 1, gate
+    assert "gate failed" in summary["stop_reason"]
 
 
 def test_unreachable_host_stops_the_rollout(healthy: Fleet, workdir: Path) -> None:
