@@ -265,7 +265,9 @@ def test_gate_sees_a_blackout_over_budget_and_stops(
     ]
     assert seen, gate
     assert seen[-1] > 0.000001
-    assert "gate failed" in summary["stop_reason"]
+    assert summary["stop_reason"].startswith(
+        "wave 1: gate failed: blackout under budget: "
+    ), summary
 
 
 def test_gate_with_no_data_holds_then_fails_at_its_deadline(
@@ -414,18 +416,54 @@ def test_facts_are_the_hosts_own(healthy: Fleet, workdir: Path) -> None:
     assert facts[0]["target_running"] is True
 
 
-def test_check_mode_changes_nothing(healthy: Fleet, workdir: Path) -> None:
+def test_facts_say_when_the_liveupdate_command_is_missing(
+    healthy: Fleet, workdir: Path
+) -> None:
+    inventory = healthy.inventory(workdir / "inventory.json")
+    proc = healthy.playbook(
+        PLAYBOOKS / "facts.yml",
+        inventory,
+        "-e",
+        f"out={workdir / 'facts.json'} liveupdate_command=/nonexistent/liveupdate",
+    )
+    assert proc.returncode != 0
+    assert (
+        "the liveupdate command '/nonexistent/liveupdate' is not on this host"
+        in proc.stdout
+    ), _explain(proc)
+    assert not (workdir / "facts.json").exists()
+
+
+def _pushed(pushgateway: Server) -> list[str]:
+    """The rollout results the Pushgateway holds, as exposition lines."""
+    text = httpx.get(f"{pushgateway.url}/metrics", timeout=10).text
+    return [x for x in text.splitlines() if x.startswith("liveupdate_rollout_")]
+
+
+def test_check_mode_changes_nothing(
+    healthy: Fleet, pushgateway: Server, workdir: Path
+) -> None:
+    """Not the hosts, and not the dashboard's last results: a check run pushes
+    nothing to the Pushgateway (the summary file, on the controller, is
+    written)."""
     fleet = healthy
     release = fleet.target("6.19.6-check")
     before = {h.name: (_snapshot(h), h.status()) for h in fleet.hosts}
+    pushed = _pushed(pushgateway)
     proc, summary = rollout(
-        fleet, workdir, check=True, rolling_update_target_kernel=release
+        fleet,
+        workdir,
+        check=True,
+        rolling_update_target_kernel=release,
+        rolling_update_pushgateway_url=pushgateway.url,
     )
     assert proc.returncode == 0, _explain(proc)
     for host in fleet.hosts:
         assert (_snapshot(host), host.status()) == before[host.name]
     assert summary["updated"] == []
     assert sorted(r["status"] for r in summary["hosts"]) == ["planned"] * 4
+    assert _pushed(pushgateway) == pushed
+    assert "blackout p50 - s, max - s" in proc.stdout, _explain(proc)
 
 
 def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
