@@ -113,9 +113,9 @@ def main():
     params = module.params
     if module.get_bin_path(params["liveupdate_command"]) is None:
         module.fail_json(
-            msg="the liveupdate command %r is not on this host (not a path, nor on "
-            "its PATH): install luo-orchestrator, or name the command with "
-            "liveupdate_command" % params["liveupdate_command"]
+            msg=f"the liveupdate command {params['liveupdate_command']!r} is not "
+            "on this host (not a path, nor on its PATH): install luo-orchestrator, "
+            "or name the command with liveupdate_command"
         )
     rc, out, err = module.run_command(probe_argv(params, kinds=params["kinds"]))
     if rc not in (0, 3, 4):
