@@ -35,6 +35,7 @@ from orchestrator.errors import (
     QmpTimeoutError,
     TransientError,
     UnfinishedUpdateError,
+    UpdateRunningError,
     VmError,
     WorkloadError,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "TransientError",
     "UnfinishedUpdateError",
     "UnsupportedFileError",
+    "UpdateRunningError",
     "VmError",
     "WorkloadError",
     "check_options",

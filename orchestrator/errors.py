@@ -29,6 +29,7 @@
      ├── AgentSetupError                        the agent cannot start
      │    └── AgentBusyError                    another agent holds the lock
      ├── AgentRefusal                           (agent side) a request refused
+     │    └── UpdateRunningError                an update asked for while one runs
      ├── BadRequestError (ValueError)           (agent side) a request not decodable
      ├── HttpError                              (server side) a request answered 4xx
      ├── VmError                                a VM cannot be started or found
@@ -237,6 +238,19 @@ class AgentRefusal(OrchestratorError):
     """A request the agent refuses; the message goes back to the client."""
 
 
+class UpdateRunningError(AgentRefusal):
+    """An update was asked for while the agent runs one (the host lock).
+
+    The control API answers it with 409 and ``"code": "update_running"``, so
+    that automation tells it from any other refusal without reading the text.
+    """
+
+    code = "update_running"
+
+    def __init__(self) -> None:
+        super().__init__("another update is running on this host")
+
+
 class VmError(OrchestratorError):
     """A VM cannot be started, found, or is not in the state expected.
 
@@ -296,7 +310,8 @@ class HttpError(OrchestratorError):
     :ivar problem: what was wrong with the request.
     """
 
-    def __init__(self, status: int, problem: str) -> None:
+    def __init__(self, status: int, problem: str, code: str | None = None) -> None:
         self.status = status
         self.problem = problem
+        self.code = code
         super().__init__(f"HTTP {status}: {problem}")

@@ -2,7 +2,9 @@
 
     GET  /v1/status           the last update (as ``liveupdate status --json``)
                               plus the agent's registrations and whether it runs one
-    POST /v1/updates          {"playbook": PATH}: start an update (202)
+    POST /v1/updates          {"playbook": PATH}: start an update (202; 409 if
+                              refused, with "code": "update_running" when the
+                              refusal is that another update runs)
     POST /v1/cancel           cancel the running update (202; 409 if none)
     GET  /v1/report           the last update's timeline as a text table
     GET  /v1/registrations    what the agent holds
@@ -30,7 +32,12 @@ import anyio.abc
 import anyio.to_thread
 
 from orchestrator._http import read_request, response
-from orchestrator.errors import AgentRefusal, BadRequestError, HttpError
+from orchestrator.errors import (
+    AgentRefusal,
+    BadRequestError,
+    HttpError,
+    UpdateRunningError,
+)
 
 from ._guard import (
     decode_object,
@@ -91,6 +98,8 @@ async def _route(
             raise HttpError(400, str(exc)) from exc
         try:
             return 202, await agent.start_run(request)
+        except UpdateRunningError as exc:
+            raise HttpError(409, str(exc), UpdateRunningError.code) from exc
         except AgentRefusal as exc:
             raise HttpError(409, str(exc)) from exc
     if (method, target) == ("POST", "/v1/cancel"):
@@ -133,6 +142,8 @@ async def _connection(agent: Agent, sock: socket.socket, peer: Peer) -> None:
         )
     except HttpError as exc:
         status, answer = exc.status, {"error": exc.problem}
+        if exc.code is not None:
+            answer["code"] = exc.code
     except (OSError, anyio.BrokenResourceError):
         logger.info("control client pid %d went away", peer.pid)
         return

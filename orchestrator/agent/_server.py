@@ -51,6 +51,7 @@ from orchestrator.errors import (
     AgentSetupError,
     BadRequestError,
     OrchestratorError,
+    UpdateRunningError,
 )
 from orchestrator.luo._fds import describe_fd, shmem_can_preserve
 
@@ -411,7 +412,7 @@ class Agent:
         if tg is None or engine_for is None or start is None:
             raise AgentRefusal("not ready")
         if self.updating:
-            raise AgentRefusal("an update is already running")
+            raise UpdateRunningError
         self.updating = True  # before the first await: one update at a time
         try:
             engine = await anyio.to_thread.run_sync(

@@ -13,6 +13,8 @@ Exit codes (also in ``liveupdate --help``):
   back in NORMAL (``run``, ``demo``, ``resume``);
 - 6: an earlier update never ended: ``run`` and ``demo`` refuse to start, and
   the message names the command that finishes or cancels it;
+- 7: another update is running on this host: the agent refused to start this
+  one and the running one goes on (``run`` through the agent);
 - 130: interrupted (Ctrl-C); 141: whoever read the output went away
   (``liveupdate status | head``), the rest of it was dropped.
 """
@@ -133,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Try it without root or a LUO kernel: 'liveupdate demo' runs on a "
         "simulated kernel. Exit codes: 0 ok, 1 failed, 2 bad usage or input, "
         "3 not possible here, 4 device busy, 5 update cancelled (the host is "
-        "back in NORMAL), 6 an earlier update must be resumed first, 130 "
+        "back in NORMAL), 6 an earlier update must be resumed first, 7 another "
+        "update is running (the agent refused this one), 130 "
         "interrupted, 141 output closed early.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

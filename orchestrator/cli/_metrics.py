@@ -42,7 +42,7 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
     from prometheus_client.registry import CollectorRegistry
 
     from orchestrator.observe._export import parse_listen, serve_metrics
-    from orchestrator.observe._metrics import register_metrics
+    from orchestrator.observe._metrics import WorkloadsCollector, register_metrics
 
     host, port = parse_listen(args.listen)
     # A journal that does not exist yet is served (as no runs) until the
@@ -50,6 +50,7 @@ def cmd_metrics_serve(args: argparse.Namespace) -> int:
     _existing_dir(args.state_dir)
     registry = CollectorRegistry(auto_describe=False)
     register_metrics(registry, Path(args.state_dir), history=True)
+    registry.register(WorkloadsCollector(args.workloads))
 
     async def main() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -200,6 +201,13 @@ def add_metrics_commands(sub: Any) -> None:
         "--listen",
         default=DEFAULT_LISTEN,
         help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN}: this host only)",
+    )
+    q.add_argument(
+        "--workloads",
+        default=None,
+        metavar="REGISTRY",
+        help="a directory where workloads publish NAME.json with their pid (as "
+        "for the workloads plugin): export whether each runs, at each scrape",
     )
     q.set_defaults(func=cmd_metrics_serve)
     q = metrics.add_parser(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 EXIT_CANCELLED = 5
 EXIT_FAILED = 1
 EXIT_UNFINISHED = 6
+EXIT_UPDATING = 7  # the agent runs another update: this one was not started
 PREFETCHED: tuple[Plan, Keeper] | None = None
 """The plan, and the keeper that retrieved its sessions before the CLI was parsed."""
 
@@ -223,7 +224,15 @@ def _run_via_agent(control: Path, playbook: Path) -> int:
     with httpx.Client(transport=transport, base_url="http://agent", timeout=30) as http:
         answer = http.post("/v1/updates", json={"playbook": str(playbook.absolute())})
         if answer.status_code != 202:
-            print(f"the agent refused: {answer.json().get('error')}", file=sys.stderr)
+            refusal = answer.json()
+            if answer.status_code == 409 and refusal.get("code") == "update_running":
+                print(
+                    f"liveupdate: not started: {refusal.get('error')} "
+                    "(the agent holds the host lock until it ends)",
+                    file=sys.stderr,
+                )
+                return EXIT_UPDATING
+            print(f"the agent refused: {refusal.get('error')}", file=sys.stderr)
             return EXIT_FAILED
         print(
             f"the agent at {control} runs {playbook} "

@@ -29,6 +29,7 @@ queries and alerts see a series before the first event.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -93,6 +94,8 @@ METRIC_NAMES = (
     "liveupdate_preserved_bytes",
     "liveupdate_kernel_info",
     "liveupdate_last_update_timestamp_seconds",
+    "liveupdate_workload_running",
+    "liveupdate_workloads_not_running",
 )
 
 
@@ -348,6 +351,86 @@ def interrupted_gauge(state_dir: str | os.PathLike[str]) -> Metric:
         "'liveupdate status' names the command that finishes or cancels it",
         value=1.0 if stuck else 0.0,
     )
+
+
+# /proc/PID/stat states of a process that does not serve: zombie, dead,
+# stopped (SIGSTOP), stopped by a tracer.
+_NOT_RUNNING = frozenset("ZXxTt")
+
+
+def process_running(pid: int) -> bool:
+    """Whether *pid* names a process of this PID namespace that runs: it exists
+    and is neither a zombie nor stopped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "PID (COMM) STATE ...": COMM may hold anything, the state follows its last ")".
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3].decode(errors="replace")
+    return bool(state) and state not in _NOT_RUNNING
+
+
+class WorkloadsCollector:
+    """Whether the workloads published in *registry* run, computed at each scrape.
+
+    A workload publishes ``REGISTRY/<name>.json`` with its ``name`` and ``pid``
+    (the format of the ``workloads`` plugin, see :mod:`plugins.workloads`;
+    ``*.spec.json`` files are not workloads). A workload runs when its process
+    exists in this PID namespace and is neither a zombie nor stopped; a file
+    that cannot be read, or names no pid, counts as not running. Nothing is
+    asked of the workload itself.
+
+    :param registry: the directory, or ``None``: no workload is known, and
+        ``liveupdate_workloads_not_running`` is 0.
+    """
+
+    def __init__(self, registry: Path | str | None) -> None:
+        self.registry = None if registry is None else os.fspath(registry)
+
+    def running(self) -> dict[str, bool]:
+        """Each published workload's name and whether it runs."""
+        if self.registry is None:
+            return {}
+        try:
+            names = sorted(os.listdir(self.registry))
+        except FileNotFoundError:
+            return {}
+        found: dict[str, bool] = {}
+        for entry in names:
+            if not entry.endswith(".json") or entry.endswith(".spec.json"):
+                continue
+            name = entry.removesuffix(".json")
+            try:
+                with open(os.path.join(self.registry, entry), "rb") as f:
+                    published = json.loads(f.read(65536))
+                pid = published["pid"]
+                name = str(published.get("name") or name)
+            except (OSError, ValueError, KeyError, TypeError):
+                found[name] = False
+                continue
+            found[name] = isinstance(pid, int) and pid > 0 and process_running(pid)
+        return found
+
+    def collect(self) -> Iterable[Metric]:
+        running = self.running()
+        each = GaugeMetricFamily(
+            "liveupdate_workload_running",
+            "1 when the workload published under this name runs (its process "
+            "exists, not a zombie, not stopped), 0 when not",
+            labels=["workload"],
+        )
+        for name, up in running.items():
+            each.add_metric([name], 1.0 if up else 0.0)
+        down = GaugeMetricFamily(
+            "liveupdate_workloads_not_running",
+            "published workloads whose process does not run (0 when none is published)",
+            value=float(sum(not up for up in running.values())),
+        )
+        return [each, down]
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 def register_metrics(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,9 +79,10 @@ async def test_status_and_errors(http: httpx.AsyncClient) -> None:
     assert (await http.get("/v1/updates")).status_code == 405
     bad = await http.post("/v1/updates", content=b"{not json")
     assert bad.status_code == 400
-    assert (
-        await http.post("/v1/updates", json={"playbook": "/nonexistent"})
-    ).status_code == 409
+    unloadable = await http.post("/v1/updates", json={"playbook": "/nonexistent"})
+    assert unloadable.status_code == 409
+    # Not the host lock: no code says so, whatever the text.
+    assert "code" not in unloadable.json(), unloadable.json()
     assert (await http.post("/v1/cancel")).status_code == 409
     assert (await http.get("/v1/report")).status_code == 404
 
@@ -93,7 +95,8 @@ async def test_start_then_cancel_an_update(
     assert started.status_code == 202, started.text
     again = await http.post("/v1/updates", json={"playbook": str(book)})
     assert again.status_code == 409
-    assert "already running" in again.json()["error"]
+    assert again.json()["code"] == "update_running"
+    assert "another update is running" in again.json()["error"]
     with anyio.fail_after(60):
         while not hanging(agent.state_dir):  # noqa: ASYNC110  (the journal is a file)
             await anyio.sleep(0.05)
@@ -105,7 +108,26 @@ async def test_start_then_cancel_an_update(
     assert "prepare" in report.text
 
 
-def test_liveupdate_run_goes_through_the_agent(tmp_path: Path) -> None:
+def _liveupdate_run(book: Path, control: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "run",
+            str(book),
+            "--agent",
+            str(control),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def _start_agent(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     kernel = SimKernel(tmp_path / "kernel")
     sock = tmp_path / "run" / "agent.sock"
     agent = subprocess.Popen(
@@ -125,31 +147,58 @@ def test_liveupdate_run_goes_through_the_agent(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert agent.stdout is not None
+    if "agent listening" not in agent.stdout.readline():
+        _stop(agent)
+        pytest.fail("the agent did not start")
+    return agent, control_socket_for(sock)
+
+
+def _stop(agent: subprocess.Popen[str]) -> None:
+    agent.terminate()
+    agent.wait(timeout=30)
+    if agent.stdout is not None:
+        agent.stdout.close()
+
+
+def test_liveupdate_run_goes_through_the_agent(tmp_path: Path) -> None:
+    agent, control = _start_agent(tmp_path)
     try:
-        assert agent.stdout is not None
-        assert "agent listening" in agent.stdout.readline()
         book = playbook(tmp_path, [{"plugin": "faults", "with": {"fail": "injected"}}])
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator.cli",
-                "run",
-                str(book),
-                "--agent",
-                str(control_socket_for(sock)),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        done = _liveupdate_run(book, control)
         assert done.returncode == 5, done.stdout + done.stderr
         assert "update cancelled" in done.stdout
         assert "injected" in done.stdout
     finally:
-        agent.terminate()
-        agent.wait(timeout=30)
-        if agent.stdout is not None:
-            agent.stdout.close()
+        _stop(agent)
+
+
+def test_liveupdate_run_while_another_runs_exits_7_and_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """The host lock, as automation sees it: ``run`` through the agent exits 7
+    (told by the 409's code, not its text) and the update that runs goes on."""
+    agent, control = _start_agent(tmp_path)
+    transport = httpx.HTTPTransport(uds=str(control))
+    try:
+        with httpx.Client(
+            transport=transport, base_url="http://agent", timeout=30
+        ) as http:
+            first = playbook(tmp_path, [{"plugin": "faults", "with": {"hang": 120}}])
+            assert http.post("/v1/updates", json={"playbook": str(first)}).is_success
+            second = tmp_path / "second"
+            second.mkdir()
+            done = _liveupdate_run(playbook(second, []), control)
+            assert done.returncode == 7, done.stdout + done.stderr
+            assert "another update is running on this host" in done.stderr
+            status = http.get("/v1/status").json()
+            assert status["agent"]["updating"] is True
+            assert status["outcome"] is None, status
+            assert http.post("/v1/cancel").status_code == 202
+            deadline = time.monotonic() + 60
+            while http.get("/v1/status").json()["agent"]["updating"]:
+                assert time.monotonic() < deadline, "the cancel did not end"
+                time.sleep(0.05)
+            assert http.get("/v1/status").json()["outcome"] == "cancelled"
+    finally:
+        _stop(agent)

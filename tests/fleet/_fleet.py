@@ -321,6 +321,28 @@ class Fleet:
         self, path: Path, inventory: Path, *extra: str, check: bool = False
     ) -> subprocess.CompletedProcess[str]:
         """Run ``ansible-playbook`` (through this venv) and return its result."""
+        argv, env = self._ansible_playbook(path, inventory, *extra, check=check)
+        return subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=600, cwd=self.root
+        )
+
+    def start_playbook(
+        self, path: Path, inventory: Path, *extra: str
+    ) -> subprocess.Popen[str]:
+        """Start ``ansible-playbook`` as :meth:`playbook` runs it, without waiting."""
+        argv, env = self._ansible_playbook(path, inventory, *extra)
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.root,
+        )
+
+    def _ansible_playbook(
+        self, path: Path, inventory: Path, *extra: str, check: bool = False
+    ) -> tuple[list[str], dict[str, str]]:
         env = dict(
             os.environ,
             ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS),
@@ -344,9 +366,7 @@ class Fleet:
         ]
         if check:
             argv.append("--check")
-        return subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=600, cwd=self.root
-        )
+        return argv, env
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ its simulated kernel, journal and playbooks, kept across boots), then boots:
 sshd, the resume unit's command, the agent and ``liveupdate metrics serve``.
 
 A file ``no-sshd`` on the disk makes the next boots leave sshd out: a host
-that does not come back. A simulated kexec switches the kernel's ``current`` boot: init sees it, ends
+that does not come back. Each boot starts a workload that publishes its pid in
+``/run/workloads`` (read by the metrics endpoint); ``workload-fails`` on the
+disk makes it exit as it starts: a workload that does not come back. A simulated kexec switches the kernel's ``current`` boot: init sees it, ends
 every process of its PID namespace (sshd sessions included) with SIGKILL and
 boots again, as the new kernel would. SIGTERM ends the host.
 
@@ -31,6 +33,8 @@ PLAYBOOK = DISK / "playbook.yaml"
 STATE = DISK / "state"
 KERNEL = DISK / "kernel"
 METRICS_PORT = 9731
+WORKLOAD_FAILS = "workload-fails"
+"""A file on the disk that makes the host's workload exit as it starts."""
 
 
 def _mount_bind(source: Path, target: Path) -> None:
@@ -98,6 +102,19 @@ def _boot(host: Path, address: str) -> None:
         "agent",
         [str(bindir / "liveupdate"), "agent", "--state-dir", str(STATE)],
     )
+    (run / "workloads").mkdir(mode=0o755)
+    # The host's workload, started at each boot as its service manager would:
+    # it publishes its pid, then serves (sleeps). With WORKLOAD_FAILS on the
+    # disk it exits at once: a workload that does not come back.
+    start(
+        "workload",
+        [
+            "/bin/sh",
+            "-c",
+            'printf \'{"name": "app", "pid": %d}\' $$ > /run/workloads/app.json; '
+            f"[ -e {DISK / WORKLOAD_FAILS} ] && exit 1; exec sleep infinity",
+        ],
+    )
     start(
         "metrics",
         [
@@ -108,6 +125,8 @@ def _boot(host: Path, address: str) -> None:
             str(STATE),
             "--listen",
             f"{address}:{METRICS_PORT}",
+            "--workloads",
+            str(run / "workloads"),
         ],
     )
     (DISK / "booted").write_text(os.readlink(KERNEL / "current") + "\n")

@@ -47,7 +47,13 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     binary = need("prometheus-pushgateway")
     root = tmp_path_factory.mktemp("pushgateway")
     port = free_port()
-    argv = [binary, f"--web.listen-address=127.0.0.1:{port}"]
+    # Its own persistence file: Debian's default, /var/lib/prometheus/
+    # pushgateway.data, would bring back whatever any earlier run pushed.
+    argv = [
+        binary,
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--persistence.file={root / 'data'}",
+    ]
     with running(
         "pushgateway", argv, f"http://127.0.0.1:{port}", "/-/ready", root / "log"
     ) as server:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ import pytest
 from tests.metrics._servers import query
 
 from ._fleet import wait_until
+from ._host import METRICS_PORT, WORKLOAD_FAILS
 
 if TYPE_CHECKING:
     import subprocess
@@ -67,6 +69,7 @@ def rollout(
     workdir: Path,
     *,
     check: bool = False,
+    forks: int | None = None,
     **variables: Any,
 ) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     """Run the role over the fleet; its process and the summary it wrote."""
@@ -87,6 +90,7 @@ def rollout(
         inventory,
         "-e",
         f"@{workdir / 'vars.json'}",
+        *(("--forks", str(forks)) if forks else ()),
         check=check,
     )
     data = json.loads(summary.read_text()) if summary.exists() else {}
@@ -261,7 +265,9 @@ def test_gate_sees_a_blackout_over_budget_and_stops(
     ]
     assert seen, gate
     assert seen[-1] > 0.000001
-    assert "gate failed" in summary["stop_reason"]
+    assert summary["stop_reason"].startswith(
+        "wave 1: gate failed: blackout under budget: "
+    ), summary
 
 
 def test_gate_with_no_data_holds_then_fails_at_its_deadline(
@@ -286,6 +292,52 @@ def test_gate_with_no_data_holds_then_fails_at_its_deadline(
     # It held: evaluated again and again, every round without data.
     assert len(gate["rounds"]) >= 3
     assert all(r["checks"][0]["no_data"] for r in gate["rounds"])
+
+
+def test_gate_sees_a_workload_that_did_not_come_back_and_stops(
+    healthy: Fleet, prometheus: Server, workdir: Path
+) -> None:
+    """The canary's update completes, but its workload exits as it starts in
+    the new boot: the default gate's "workloads healthy" check sees it (the
+    host's metrics endpoint reads the workload's published pid) and no later
+    wave is started."""
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.15-workload")
+    assert (
+        query(
+            prometheus,
+            f'liveupdate_workload_running{{instance="{canary.address}:{METRICS_PORT}",'
+            'workload="app"}',
+        )[0]["value"][1]
+        == "1"
+    )
+    (canary.disk / WORKLOAD_FAILS).touch()
+    try:
+        _, summary, gate = _gate_rollout(
+            fleet,
+            prometheus,
+            workdir,
+            release,
+            rolling_update_blackout_budget=30,
+            rolling_update_gate_timeout=10,
+        )
+    finally:
+        (canary.disk / WORKLOAD_FAILS).unlink()
+        canary.kernel.reboot_cold()  # boots again, its workload with it
+        wait_until(f"{canary.name} up", canary.up)
+        fleet.digests[canary.name] = fleet.register_data(canary)
+    assert gate["reason"].startswith("workloads healthy: "), gate
+    seen = [
+        v["value"]
+        for r in gate["rounds"]
+        for c in r["checks"]
+        if c["name"] == "workloads healthy"
+        for v in c["values"]
+    ]
+    assert seen, gate
+    assert seen[-1] == 1, gate
+    assert "gate failed" in summary["stop_reason"]
 
 
 def test_unreachable_host_stops_the_rollout(healthy: Fleet, workdir: Path) -> None:
@@ -364,18 +416,54 @@ def test_facts_are_the_hosts_own(healthy: Fleet, workdir: Path) -> None:
     assert facts[0]["target_running"] is True
 
 
-def test_check_mode_changes_nothing(healthy: Fleet, workdir: Path) -> None:
+def test_facts_say_when_the_liveupdate_command_is_missing(
+    healthy: Fleet, workdir: Path
+) -> None:
+    inventory = healthy.inventory(workdir / "inventory.json")
+    proc = healthy.playbook(
+        PLAYBOOKS / "facts.yml",
+        inventory,
+        "-e",
+        f"out={workdir / 'facts.json'} liveupdate_command=/nonexistent/liveupdate",
+    )
+    assert proc.returncode != 0
+    assert (
+        "the liveupdate command '/nonexistent/liveupdate' is not on this host"
+        in proc.stdout
+    ), _explain(proc)
+    assert not (workdir / "facts.json").exists()
+
+
+def _pushed(pushgateway: Server) -> list[str]:
+    """The rollout results the Pushgateway holds, as exposition lines."""
+    text = httpx.get(f"{pushgateway.url}/metrics", timeout=10).text
+    return [x for x in text.splitlines() if x.startswith("liveupdate_rollout_")]
+
+
+def test_check_mode_changes_nothing(
+    healthy: Fleet, pushgateway: Server, workdir: Path
+) -> None:
+    """Not the hosts, and not the dashboard's last results: a check run pushes
+    nothing to the Pushgateway (the summary file, on the controller, is
+    written)."""
     fleet = healthy
     release = fleet.target("6.19.6-check")
     before = {h.name: (_snapshot(h), h.status()) for h in fleet.hosts}
+    pushed = _pushed(pushgateway)
     proc, summary = rollout(
-        fleet, workdir, check=True, rolling_update_target_kernel=release
+        fleet,
+        workdir,
+        check=True,
+        rolling_update_target_kernel=release,
+        rolling_update_pushgateway_url=pushgateway.url,
     )
     assert proc.returncode == 0, _explain(proc)
     for host in fleet.hosts:
         assert (_snapshot(host), host.status()) == before[host.name]
     assert summary["updated"] == []
     assert sorted(r["status"] for r in summary["hosts"]) == ["planned"] * 4
+    assert _pushed(pushgateway) == pushed
+    assert "blackout p50 - s, max - s" in proc.stdout, _explain(proc)
 
 
 def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
@@ -393,6 +481,98 @@ def test_closed_window_starts_no_host(healthy: Fleet, workdir: Path) -> None:
         _untouched(host, before[host.name])
     assert summary["window_closed"] is True
     assert sorted(summary["not_started"]) == sorted(h.name for h in fleet.hosts)
+
+
+def _slow(host: Host, seconds: int) -> None:
+    """Make *host*'s update (of the last :meth:`Fleet.target`) hang in quiesce."""
+    book = host.disk / "playbook.yaml"
+    book.write_text(
+        book.read_text().replace(
+            "phases:\n",
+            "phases:\n"
+            "  quiesce:\n"
+            "    steps:\n"
+            f"      - {{plugin: faults, timeout: 120s, with: {{hang: {seconds}}}}}\n",
+        )
+    )
+
+
+def _in(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+def test_window_closing_during_the_canary_starts_no_later_wave(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """The window closes while the canary updates: the canary finishes, and the
+    role starts no later wave -- it does not even reach its hosts (one of them
+    is unreachable, and is not counted failed). The play ends cleanly."""
+    fleet = healthy
+    canary, lost, *later = fleet.hosts
+    release = fleet.target("6.19.13-window-waves")
+    _slow(canary, 25)
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    lost.set_link(False)
+    try:
+        proc, summary = rollout(
+            fleet,
+            workdir,
+            rolling_update_target_kernel=release,
+            rolling_update_waves=[1, "100%"],
+            rolling_update_not_after=_in(15),
+        )
+    finally:
+        lost.set_link(True)
+    assert proc.returncode == 0, _explain(proc)
+    _updated(canary, before[canary.name], release)
+    _data_intact(fleet, canary)
+    for host in (lost, *later):
+        _untouched(host, before[host.name])
+    assert summary["updated"] == [canary.name]
+    assert summary["failed"] == []
+    assert sorted(summary["not_started"]) == sorted(h.name for h in (lost, *later))
+    assert summary["window_closed"] is True
+    assert summary["stop_reason"].endswith("before wave 2"), summary
+    assert f"not started: {lost.name}, " in proc.stdout, _explain(proc)
+
+
+def test_window_closing_during_a_wave_leaves_no_host_half_updated(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """One wave of four, two hosts at a time: the window closes while the first
+    two update. They finish (NORMAL, completed, data intact); the other two are
+    never started; the play ends cleanly and says which were not started."""
+    fleet = healthy
+    first = fleet.hosts[:2]
+    rest = fleet.hosts[2:]
+    release = fleet.target("6.19.14-window-wave")
+    for host in first:
+        _slow(host, 25)
+    before = {h.name: _snapshot(h) for h in fleet.hosts}
+    proc, summary = rollout(
+        fleet,
+        workdir,
+        forks=2,
+        rolling_update_target_kernel=release,
+        rolling_update_waves=["100%"],
+        rolling_update_not_after=_in(15),
+    )
+    assert proc.returncode == 0, _explain(proc)
+    for host in first:
+        _updated(host, before[host.name], release)
+        _data_intact(fleet, host)
+    for host in rest:
+        _untouched(host, before[host.name])
+        assert host.status()["state"] == "NORMAL"
+    assert sorted(summary["updated"]) == sorted(h.name for h in first)
+    assert sorted(summary["not_started"]) == sorted(h.name for h in rest)
+    assert summary["failed"] == []
+    assert summary["window_closed"] is True
+    assert summary["stop_reason"].endswith("during wave 1"), summary
+    for result in summary["hosts"]:
+        if result["host"] in {h.name for h in rest}:
+            assert "maintenance window closed" in result["msg"], result
+    assert "not started: {}, {}".format(*(h.name for h in rest)) in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -496,8 +676,108 @@ def test_host_already_updating_is_told_so_and_not_counted_failed(
     assert summary["busy"] == [canary.name]
     assert summary["failed"] == []
     (result,) = [r for r in summary["hosts"] if r["host"] == canary.name]
-    assert "the host is updating" in result["msg"], result
+    assert "another update is running on this host" in result["msg"], result
     assert canary.status()["outcome"] == "cancelled"
+    _data_intact(fleet, canary)
+
+
+def test_second_update_racing_past_preflight_is_refused_by_the_host_lock(
+    healthy: Fleet, workdir: Path
+) -> None:
+    """Two live_update runs on one host, the second past its preflight before
+    the first starts: the agent refuses the second (409 ``update_running``,
+    ``liveupdate run`` exits 7), which fails that run with the reason; the
+    first is not disturbed and completes, the data intact.
+
+    The race is made deterministic with a seam, not a fake: the second run's
+    ``liveupdate_command`` is a script on the host that holds ``plan`` until
+    the first update runs, then execs the real ``liveupdate``.
+    """
+    fleet = healthy
+    canary = fleet.hosts[0]
+    release = fleet.target("6.19.12-race")
+    book = (canary.disk / "playbook.yaml").read_text()
+    (canary.disk / "slow.yaml").write_text(
+        book.replace(
+            "phases:\n",
+            "phases:\n"
+            "  quiesce:\n"
+            "    steps:\n"
+            "      - {plugin: faults, timeout: 60s, with: {hang: 15}}\n",
+        )
+    )
+    held = canary.disk / "held-liveupdate"
+    held.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = plan ]; then\n'
+        "  touch /media/second-planning\n"
+        "  while [ ! -e /media/go ]; do sleep 0.1; done\n"
+        "fi\n"
+        f'exec {Path(sys.executable).parent / "liveupdate"} "$@"\n'
+    )
+    held.chmod(0o755)
+    before = _snapshot(canary)
+    inventory = fleet.inventory(workdir / "inventory.json")
+
+    def start(name: str, **variables: str) -> subprocess.Popen[str]:
+        extra = {
+            "target_host": canary.name,
+            "release": release,
+            "out": str(workdir / f"{name}.json"),
+            **variables,
+        }
+        (workdir / f"{name}-vars.json").write_text(json.dumps(extra))
+        return fleet.start_playbook(
+            PLAYBOOKS / "update.yml",
+            inventory,
+            "-e",
+            f"@{workdir / f'{name}-vars.json'}",
+        )
+
+    control = canary.root / "run" / "liveupdate" / "control.sock"
+    transport = httpx.HTTPTransport(uds=str(control))
+    first = second = None
+    try:
+        with httpx.Client(
+            transport=transport, base_url="http://agent", timeout=30
+        ) as agent:
+            second = start(
+                "second", book="/media/playbook.yaml", command="/media/held-liveupdate"
+            )
+            wait_until(
+                "the second run past preflight",
+                (canary.disk / "second-planning").exists,
+                120,
+            )
+            assert agent.get("/v1/status").json()["agent"]["updating"] is False
+            first = start("first", book="/media/slow.yaml")
+            wait_until(
+                "the first update running",
+                lambda: agent.get("/v1/status").json()["agent"]["updating"],
+                120,
+            )
+            (canary.disk / "go").touch()
+            out, err = second.communicate(timeout=240)
+            assert agent.get("/v1/status").json()["agent"]["updating"] is True
+        out1, err1 = first.communicate(timeout=240)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for name in ("held-liveupdate", "second-planning", "go", "slow.yaml"):
+            (canary.disk / name).unlink(missing_ok=True)
+    refused = json.loads((workdir / "second.json").read_text())
+    assert refused["failed"] is True, (refused, out, err)
+    assert refused["locked"] is True, refused
+    assert refused["changed"] is False
+    assert refused["outcome"] == "not started"
+    assert "another update is running on this host" in refused["msg"], refused
+    assert not refused["msg"].startswith("preflight"), refused
+    done = json.loads((workdir / "first.json").read_text())
+    assert done.get("failed") is not True, (done, out1, err1)
+    assert (done["changed"], done["outcome"]) == (True, "completed"), done
+    _updated(canary, before, release)
     _data_intact(fleet, canary)
 
 

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
-import datetime
 import shlex
 import time
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError
 from ansible.plugins.action import ActionBase
 from ansible.utils.display import Display
+from ansible_collections.luo.liveupdate.plugins.filter.window_closed import (
+    window_closed,
+)
 from ansible_collections.luo.liveupdate.plugins.module_utils.liveupdate import (
     LIVE_UPDATE_SPEC as ARGUMENT_SPEC,
 )
@@ -19,6 +21,13 @@ display = Display()
 
 FACTS = "luo.liveupdate.liveupdate_facts"
 EXIT_CANCELLED = 5
+# liveupdate run: the agent answered 409 "code": "update_running" (the host lock)
+EXIT_UPDATING = 7
+LOCKED = (
+    "another update is running on this host (its agent holds the host lock "
+    "until that update ends); this one was not started and the running one "
+    "goes on"
+)
 
 FACT_OPTIONS = (
     "liveupdate_command",
@@ -27,18 +36,6 @@ FACT_OPTIONS = (
     "control_socket",
     "target_kernel",
 )
-
-
-def _deadline_passed(not_after):
-    try:
-        end = datetime.datetime.fromisoformat(not_after)
-    except ValueError as exc:
-        raise AnsibleError(
-            f"not_after: {not_after} is not an ISO 8601 time ({exc})"
-        ) from exc
-    if end.tzinfo is None:
-        end = end.replace(tzinfo=datetime.UTC)
-    return datetime.datetime.now(datetime.UTC) > end
 
 
 class ActionModule(ActionBase):
@@ -81,7 +78,7 @@ class ActionModule(ActionBase):
                 msg="{} already runs".format(params["target_kernel"]),
             )
             return result
-        if params["not_after"] and _deadline_passed(params["not_after"]):
+        if params["not_after"] and window_closed(params["not_after"]):
             result.update(
                 skipped=True,
                 not_started=True,
@@ -138,7 +135,7 @@ class ActionModule(ActionBase):
         if not facts["agent_running"]:
             return facts["agent_error"] or "the agent does not answer"
         if facts["agent_updating"]:
-            return "the host is updating: its agent runs another update (another rollout holds this host)"
+            return LOCKED
         return None
 
     @staticmethod
@@ -197,6 +194,11 @@ class ActionModule(ActionBase):
 
     def _refused(self, result, run, params, task_vars):
         """The update ended before any kexec: cancelled, or never started."""
+        if run["rc"] == EXIT_UPDATING:
+            # Told by the exit code alone: the journal now shows the other
+            # update, which is not this task's to report.
+            result.update(failed=True, locked=True, outcome="not started", msg=LOCKED)
+            return result
         facts = self._facts(task_vars, params)
         last = facts["last_update"]
         said = (run["stderr"] or run["stdout"]).strip()
@@ -216,12 +218,6 @@ class ActionModule(ActionBase):
                     last["state"],
                     "REBOOTED" if rebooted else "not rebooted",
                 ),
-            )
-        elif "409" in said or "already" in said or "runs" in said:
-            result.update(
-                locked=True,
-                outcome="not started",
-                msg="the host is updating (another rollout holds it): " + said,
             )
         else:
             result.update(

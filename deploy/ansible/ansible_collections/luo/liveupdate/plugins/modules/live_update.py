@@ -24,7 +24,10 @@ description:
   - An update cancelled before the kexec fails the host with the reason; the
     host is back in C(NORMAL) and was not rebooted.
   - A host whose agent already runs an update (another rollout holds it) fails
-    with RV(locked) true.
+    with RV(locked) true and a message saying so; the running update goes on.
+    It is seen at preflight, or, when two rollouts race past preflight, by the
+    agent's refusal (C(liveupdate run) exits 7, the agent answered 409
+    C(update_running)).
 options:
   playbook:
     description: The luo-orchestrator playbook on the host.

@@ -111,6 +111,12 @@ def main():
     spec.update(target_kernel={"type": "str"}, kinds={"type": "bool", "default": False})
     module = AnsibleModule(argument_spec=spec, supports_check_mode=True)
     params = module.params
+    if module.get_bin_path(params["liveupdate_command"]) is None:
+        module.fail_json(
+            msg=f"the liveupdate command {params['liveupdate_command']!r} is not "
+            "on this host (not a path, nor on its PATH): install luo-orchestrator, "
+            "or name the command with liveupdate_command"
+        )
     rc, out, err = module.run_command(probe_argv(params, kinds=params["kinds"]))
     if rc not in (0, 3, 4):
         module.fail_json(
