@@ -101,7 +101,11 @@ def vm_host(tmp_path: Path, guest_image: Path) -> Iterator[VmHost]:
     state = tmp_path / "state"
     kernel = SimKernel(state / "kernel")
     registry = state / "qemu"
-    spec = VmSpec(name="vm0", image=str(guest_image), ram_mib=64)
+    # A copy of its own: QEMU locks its disk, and the previous test's QEMU,
+    # SIGKILLed, may not have let go of it yet.
+    image = tmp_path / guest_image.name
+    shutil.copyfile(guest_image, image)
+    spec = VmSpec(name="vm0", image=str(image), ram_mib=64)
     vm = launch_vm(registry, spec, kernel.spec)
     host = VmHost(state, kernel, registry, vm, {vm.pid})
     try:

@@ -238,7 +238,7 @@ def test_every_vm_is_checked_before_any_is_changed(
 ) -> None:
     """vm0 runs, vm1 is paused: the quiesce fails on vm1 and vm0's migration
     settings are as before (a later ordinary migration must carry its RAM)."""
-    image = vm_host.state / "vm1.img"  # QEMU locks vm0's image for writing
+    image = vm_host.state / "vm1.img"  # QEMU locks its disk for writing
     image.write_bytes(guest_image.read_bytes())
     spec = VmSpec(name="vm1", image=str(image), ram_mib=64)
     vm1 = launch_vm(vm_host.registry, spec, vm_host.kernel.spec)
