@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator.agent._server import Agent, control_socket_for
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import listening_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -127,7 +128,7 @@ def test_liveupdate_run_goes_through_the_agent(tmp_path: Path) -> None:
     )
     try:
         assert agent.stdout is not None
-        assert "agent listening" in agent.stdout.readline()
+        assert "agent listening" in listening_line(agent.stdout)
         book = playbook(tmp_path, [{"plugin": "faults", "with": {"fail": "injected"}}])
         done = subprocess.run(
             [
