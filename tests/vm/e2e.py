@@ -40,6 +40,7 @@ from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
 from tests.vm.e2e_qemu import run_qemu, run_qemu_sid
 from tests.vm.e2e_sid import run_sid
+from tests.vm.e2e_systemd import run_systemd
 from tests.vm.harness import (
     Mark,
     Result,
@@ -325,9 +326,10 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "qemu": run_qemu,
     "sid": run_sid,
     "qemu-sid": run_qemu_sid,
+    "systemd": run_systemd,
 }
 #: Run only when named (``--only NAME``), never by default.
-OPT_IN = frozenset({"qemu"})
+OPT_IN = frozenset({"qemu", "systemd"})
 
 
 def precompile() -> None:
