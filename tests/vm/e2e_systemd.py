@@ -54,6 +54,7 @@ MASKED = (
     "dbus.service",
     "dbus.socket",
     "systemd-logind.service",
+    "systemd-logind-varlink.socket",
     "modprobe@configfs.service",
     "modprobe@drm.service",
     "modprobe@efi_pstore.service",
