@@ -78,6 +78,9 @@ GUEST_SHIM = f"{GUEST_PREFIX}/init"
 #: is mounted inside it, and it becomes ``/`` (``mount --move``, ``chroot``) for
 #: ``luovm.exec=``.
 SHIM_TEXT = f"""#!/bin/sh
+# The kernel opened no console for init (its rootfs has no /dev/console):
+# devtmpfs on the real root has one, so what the shim says is seen.
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 mount -t proc -o nosuid,nodev,noexec proc /proc
 src=luo-src
 exe=
@@ -93,7 +96,13 @@ done
 new=
 if [ -n "$overlay" ]; then
   new=/mnt/root
-  mount -t ext4 "/dev/$overlay" /mnt &&
+  n=0
+  until mount -t ext4 "/dev/$overlay" /mnt || [ $n -ge 20 ]; do
+    n=$((n + 1))
+    echo "luo-vm-shim: cannot mount /dev/$overlay yet (try $n): $(ls -l /dev/$overlay 2>&1)"
+    sleep 0.5
+  done
+  mountpoint -q /mnt &&
     mkdir -p /mnt/upper /mnt/work $new &&
     mount -t overlay overlay -o lowerdir=/,upperdir=/mnt/upper,workdir=/mnt/work $new ||
     echo "luo-vm-shim: cannot make the overlay root on /dev/$overlay" >/dev/console
