@@ -97,7 +97,7 @@ def report(result: Result) -> list[str]:
     if pre is None:
         failures.append("no systemd-pre.json: stage pre did not report")
     else:
-        for key in ("pid1", "systemd", "boot_state", "deploy_ok", "agent"):
+        for key in ("pid1", "root", "systemd", "boot_state", "deploy_ok", "agent"):
             print(f"  {key:22} {pre.get(key)}")
         for key in ("resume_enabled", "register", "stored_after_register"):
             print(f"  {key:22} {pre.get(key)}")

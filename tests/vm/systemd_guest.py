@@ -119,6 +119,17 @@ def pattern(mib: int) -> bytes:
     )
 
 
+def root_fstype() -> str:
+    """The type of the file system mounted on ``/`` (the last such mount)."""
+    found = ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == "/":
+                found = fields[2]
+    return found
+
+
 def journal(*units: str) -> str:
     argv = ["journalctl", "-b", "--no-pager", "-o", "short-monotonic"]
     for unit in units:
@@ -131,6 +142,7 @@ def stage_pre(mib: int) -> int:
     info["boot_state"] = wait_booted()
     mark("systemd.booted", state=info["boot_state"])
     info["pid1"] = Path("/proc/1/comm").read_text().strip()
+    info["root"] = root_fstype()
     info["systemd"] = sh(["systemctl", "--version"]).stdout.splitlines()[0]
     info["python"] = sys.version.split()[0]
     say(f"PID 1 {info['pid1']!r}, {info['systemd']}, state {info['boot_state']}")
@@ -170,6 +182,7 @@ def stage_pre(mib: int) -> int:
     )
     info["ok"] = (
         info["pid1"] == "systemd"
+        and info["root"] == "overlay"
         and info["deploy_ok"]
         and info["agent"].get("ActiveState") == "active"
         and info["resume_enabled"] == "enabled"
@@ -253,6 +266,7 @@ def stage_post() -> int:
     st = info["status"]
     regs = info["registrations"] if isinstance(info["registrations"], list) else []
     info["checks"] = checks = {
+        "root is the overlay on the disk": root_fstype() == "overlay",
         "resume unit succeeded": info["resume"].get("Result") == "success"
         and info["resume"].get("ConditionResult") == "yes",
         "agent active, never restarted": info["agent"].get("ActiveState") == "active"
