@@ -22,7 +22,7 @@ the plugin use ``cpr-reboot`` (in the default set). Scenario ``systemd``
 (:mod:`tests.vm.e2e_systemd`): that root with systemd 262 as PID 1, the
 project's units installed by docs/deploy.md's steps, an update through the
 agent across a real kexec, restored by the agent at boot (opt-in: one run
-of nine failed, see docs/vm-harness.md).
+of eleven failed, see docs/vm-harness.md).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
