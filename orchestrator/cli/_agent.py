@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     import anyio
 
-    from orchestrator.agent._fdstore import listen_fds
+    from orchestrator.agent._fdstore import listen_fds, notify
     from orchestrator.agent._guard import Limits
     from orchestrator.agent._server import run_agent
     from orchestrator.errors import AgentBusyError, AgentSetupError
@@ -48,6 +49,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     # First, before anything opens an fd: what the fd store handed back.
     stored = listen_fds()
+    # What the agent does goes to stdout (stderr is for the one line that says
+    # why it cannot start): under systemd, to its journal, which stamps it.
+    logging.basicConfig(
+        stream=sys.stdout,
+        level=logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     kernel = kernel_from_spec(args.kernel)
     # A host without LUO has nothing for an agent to do: say why and exit 3,
     # which the unit does not restart (RestartPreventExitStatus=3). A busy
@@ -73,10 +81,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 frozenset(args.allow_gid),
                 limits,
             )
-            print(
-                f"agent listening on {agent.socket_path} ({len(agent.registrations)} "
-                f"registration(s) held)",
-                flush=True,
+            held = f"{len(agent.registrations)} registration(s) held"
+            print(f"agent listening on {agent.socket_path} ({held})", flush=True)
+            # Under systemd (Type=notify): serving now, units after it may start.
+            await anyio.to_thread.run_sync(
+                functools.partial(notify, f"READY=1\nSTATUS=serving, {held}")
             )
 
     code = 0

@@ -26,6 +26,7 @@ import pytest
 
 from orchestrator.agent_client import AgentClient, AgentRefusedError
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import listening_line
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -130,7 +131,7 @@ def start(base: Path, *extra: str, state: Path | None = None) -> RunningAgent:
     log = base / f"agent-{time.monotonic_ns()}.log"
     proc = launch(agent_argv(sock, state, base / "kernel", *extra), log)
     assert proc.stdout is not None
-    assert "agent listening" in proc.stdout.readline(), log.read_text()
+    assert "agent listening" in listening_line(proc.stdout), log.read_text()
     agent = RunningAgent(proc, sock, state, log)
     agent.hold("vm0-ram", os.urandom(1 << 16))
     agent.hold("cache", b"kept bytes")

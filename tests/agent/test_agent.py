@@ -25,6 +25,7 @@ from orchestrator.agent_client import AgentClient, AgentError, AgentRefusedError
 from orchestrator.engine._phases import Phase
 from orchestrator.engine._playbook import load_playbook
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import listening_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -275,7 +276,7 @@ def test_update_through_the_agent_keeps_fds_across_the_kexec(
     def start_agent() -> subprocess.Popen[str]:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
-        assert "agent listening" in proc.stdout.readline()
+        assert "agent listening" in listening_line(proc.stdout)
         return proc
 
     first = start_agent()

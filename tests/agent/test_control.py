@@ -15,6 +15,7 @@ import pytest
 
 from orchestrator.agent._server import Agent, control_socket_for
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import listening_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -148,7 +149,7 @@ def _start_agent(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
         text=True,
     )
     assert agent.stdout is not None
-    if "agent listening" not in agent.stdout.readline():
+    if "agent listening" not in listening_line(agent.stdout):
         _stop(agent)
         pytest.fail("the agent did not start")
     return agent, control_socket_for(sock)

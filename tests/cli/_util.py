@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +30,15 @@ def liveupdate(
         env={**os.environ, **(env or {})},
         pass_fds=fds,
     )
+
+
+def listening_line(stdout: IO[str]) -> str:
+    """The agent's ``agent listening ...`` line, read past its log lines (they
+    go to stdout too); "" if its stdout ends first."""
+    for line in stdout:
+        if line.startswith("agent listening"):
+            return line
+    return ""
 
 
 def one_line(done: subprocess.CompletedProcess[str]) -> str:

@@ -27,6 +27,7 @@ import pytest
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.luo.sim import SimKernel
+from tests.cli._util import listening_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -102,7 +103,7 @@ class Boot:
             text=True,
         )
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = listening_line(proc.stdout)
         if crash_at is None:
             assert "agent listening" in line, line
         return proc

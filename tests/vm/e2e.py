@@ -18,7 +18,11 @@ VM kept across the kexec by the ``qemu`` plugin. Scenario ``sid``
 (:mod:`tests.vm.e2e_sid`): the engine scenario on Debian unstable's userland
 (a cached debootstrap root, :mod:`tests.vm.rootfs`) with its Python 3.14.
 Scenario ``qemu-sid``: scenario ``qemu`` on that root, whose QEMU 11.1 makes
-the plugin use ``cpr-reboot`` (in the default set).
+the plugin use ``cpr-reboot`` (in the default set). Scenario ``systemd``
+(:mod:`tests.vm.e2e_systemd`): that root with systemd 262 as PID 1, the
+project's units installed by docs/deploy.md's steps, an update through the
+agent across a real kexec, restored by the agent at boot (opt-in: one run
+of eleven failed, see docs/vm-harness.md).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
@@ -40,6 +44,7 @@ from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
 from tests.vm.e2e_qemu import run_qemu, run_qemu_sid
 from tests.vm.e2e_sid import run_sid
+from tests.vm.e2e_systemd import run_systemd
 from tests.vm.harness import (
     Mark,
     Result,
@@ -325,9 +330,10 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "qemu": run_qemu,
     "sid": run_sid,
     "qemu-sid": run_qemu_sid,
+    "systemd": run_systemd,
 }
 #: Run only when named (``--only NAME``), never by default.
-OPT_IN = frozenset({"qemu"})
+OPT_IN = frozenset({"qemu", "systemd"})
 
 
 def precompile() -> None:

@@ -9,6 +9,12 @@ host harness).  The stage's exit status goes to ``<out>/status-<stage>.json`` an
 the VM is reset (``reboot(RB_AUTOBOOT)``; QEMU runs with ``-no-reboot`` so it
 exits).  A stage that kexecs never comes back here: the next kernel boots with
 the command line the host prepared for the next stage.
+
+With ``--service`` it is not PID 1 but a service of systemd's (the sid root's
+``luo-vm-stage.service``, see :mod:`tests.vm.rootfs`): systemd has mounted the
+pseudo filesystems, so it mounts only the out share, then runs the stage the
+same way and resets the VM the same way (``sync`` first: the root's upper
+layer is a disk).
 """
 
 from __future__ import annotations
@@ -92,13 +98,7 @@ def setup_mounts(out_tag: str) -> None:
         top = "/" + "/".join(checkout.split("/")[1:3])  # /tmp/<dir>
         os.makedirs(top)
         mount("/run/host-tmp" + top[len("/tmp") :], top, "", MS_BIND)
-    mount(
-        out_tag,
-        OUT_MOUNT,
-        "9p",
-        MS_NOSUID | MS_NODEV,
-        "trans=virtio,version=9p2000.L,msize=262144",
-    )
+    mount_out(out_tag)
 
 
 def ensure_console() -> None:
@@ -132,13 +132,30 @@ def reset() -> NoReturn:
     os._exit(1)
 
 
-def run(guest: ModuleType, t_start: float) -> None:
-    # Before this mount, /proc is the *host's* (the root is the host's / over 9p).
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+def mount_out(out_tag: str) -> None:
+    mount(
+        out_tag,
+        OUT_MOUNT,
+        "9p",
+        MS_NOSUID | MS_NODEV,
+        "trans=virtio,version=9p2000.L,msize=262144",
+    )
+
+
+def run(guest: ModuleType, t_start: float, *, service: bool = False) -> None:
+    if not service:
+        # Before this mount, /proc is the *host's* (the root is the host's /
+        # over 9p).
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     params = kernel_params()
     stage = params.get("luovm.stage", "")
     out = Path(OUT_MOUNT)
-    setup_mounts(params.get("luovm.out", OUT_TAG_DEFAULT))
+    out_tag = params.get("luovm.out", OUT_TAG_DEFAULT)
+    if service:
+        if not is_mountpoint(OUT_MOUNT):
+            mount_out(out_tag)
+    else:
+        setup_mounts(out_tag)
     os.environ["LUO_VM_OUT"] = str(out)
 
     boot = len(list(out.glob("boot-*.json"))) + 1
@@ -207,7 +224,7 @@ def main() -> NoReturn:
     try:
         from tests.vm import guest
 
-        run(guest, t_start)
+        run(guest, t_start, service="--service" in sys.argv[1:])
     except BaseException:  # noqa: BLE001 - PID 1 must never just die
         traceback.print_exc()
         try:

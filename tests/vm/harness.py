@@ -57,6 +57,8 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SRC_TAG = "luo-src"
 #: Where the guest finds the kernel to kexec when its root is not the host's.
 GUEST_OUT = "/run/luo-vm/out"
+#: The scenario's disk in its out dir (:attr:`Scenario.disk_mib`).
+DISK_IMAGE = "disk.img"
 
 
 def venv_python() -> str:
@@ -126,6 +128,10 @@ class Scenario:
     kernel_args: tuple[str, ...] = ()
     #: The guest's root: None = the host's own ``/``.
     root: GuestRoot | None = None
+    #: Size of an empty ext4 disk (``<out>/disk.img``, virtio-blk ``vda``) made
+    #: for the run, 0 for none: a writable place that survives the kexecs of
+    #: the chain (e.g. the upper layer of the sid root's overlay).
+    disk_mib: int = 0
 
     @classmethod
     def pre_post(
@@ -437,6 +443,8 @@ def qemu_argv(
             "-device",
             f"virtio-9p-pci,fsdev=fssrc,mount_tag={SRC_TAG}",
         ]
+    if scenario.disk_mib:
+        argv += ["-drive", f"file={out_dir / DISK_IMAGE},format=raw,if=virtio"]
     if accel == "kvm":
         argv += ["-enable-kvm", "-cpu", "host"]
     else:
@@ -474,6 +482,17 @@ def _write_spec(scenario: Scenario, kernel: Kernel, out_dir: Path) -> None:
         "cmdlines": {n: kernel_cmdline(scenario, n) for n in [*names, ""]},
     }
     (out_dir / "stages.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def make_disk(path: Path, mib: int) -> None:
+    """An empty ext4 file system of *mib* MiB in a sparse file at *path*."""
+    with path.open("wb") as f:
+        f.truncate(mib << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "luo-vm", str(path)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def new_out_dir(scenario: Scenario, base: Path | None = None) -> Path:
@@ -562,6 +581,8 @@ def run_scenario(
     out_dir.mkdir(parents=True, exist_ok=True)
     accel = accel or choose_accel(kernel)
     _write_spec(scenario, kernel, out_dir)
+    if scenario.disk_mib:
+        make_disk(out_dir / DISK_IMAGE, scenario.disk_mib)
     argv = qemu_argv(scenario, kernel, out_dir, accel)
     (out_dir / "qemu-argv.txt").write_text(shlex.join(argv) + "\n")
     print(f"[vm] scenario {scenario.name!r}: out dir {out_dir}", flush=True)

@@ -71,19 +71,54 @@ GUEST_SHIM = f"{GUEST_PREFIX}/init"
 #: the command line) and the checkout's 9p share (``luovm.src=TAG``) over the
 #: empty GUEST_SRC, then execs ``luovm.exec=`` (comma-separated argv, e.g.
 #: ``/lib/systemd/systemd``) or, by default, the harness's Python init.
+#: With ``luovm.overlay=DEV`` (an ext4 disk, e.g. ``vda``) the root becomes an
+#: overlay first: the read-only tree below, ``upper/`` of DEV above (what the
+#: guest writes: /etc, /var, ... -- on a disk, so it survives a kexec, which a
+#: tmpfs does not), mounted on ``/mnt/root`` with DEV on ``/mnt``; the checkout
+#: is mounted inside it, and it becomes ``/`` (``mount --move``, ``chroot``) for
+#: ``luovm.exec=``.
 SHIM_TEXT = f"""#!/bin/sh
+# The kernel opened no console for init (its rootfs has no /dev/console):
+# devtmpfs on the real root has one, so what the shim says is seen.
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
 mount -t proc -o nosuid,nodev,noexec proc /proc
 src=luo-src
 exe=
+overlay=
 for w in $(cat /proc/cmdline); do
   case "$w" in
     --) break ;;
     luovm.src=*) src=${{w#luovm.src=}} ;;
     luovm.exec=*) exe=${{w#luovm.exec=}} ;;
+    luovm.overlay=*) overlay=${{w#luovm.overlay=}} ;;
   esac
 done
-mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144 "$src" {GUEST_SRC} ||
-  echo "luo-vm-shim: cannot mount $src on {GUEST_SRC}" >/dev/console
+new=
+if [ -n "$overlay" ]; then
+  new=/mnt/root
+  n=0
+  until mount -t ext4 "/dev/$overlay" /mnt || [ $n -ge 20 ]; do
+    n=$((n + 1))
+    echo "luo-vm-shim: cannot mount /dev/$overlay yet (try $n): $(ls -l /dev/$overlay 2>&1)"
+    sleep 0.5
+  done
+  mountpoint -q /mnt &&
+    mkdir -p /mnt/upper /mnt/work $new &&
+    mount -t overlay overlay -o lowerdir=/,upperdir=/mnt/upper,workdir=/mnt/work $new ||
+    echo "luo-vm-shim: cannot make the overlay root on /dev/$overlay" >/dev/console
+fi
+mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144 "$src" $new{GUEST_SRC} ||
+  echo "luo-vm-shim: cannot mount $src on $new{GUEST_SRC}" >/dev/console
+if [ -n "$new" ]; then
+  # switch_root's steps (util-linux's switch_root is not in minbase)
+  for m in /dev /proc; do mount --move $m $new$m; done
+  cd $new
+  mount --move . /
+  IFS=,
+  set -- $exe
+  unset IFS
+  exec chroot . "$@"
+fi
 if [ -n "$exe" ]; then
   IFS=,
   set -- $exe
@@ -91,6 +126,20 @@ if [ -n "$exe" ]; then
   exec "$@"
 fi
 exec {GUEST_PYTHON} -S {GUEST_SRC}/tests/vm/guest_init.py
+"""
+#: The harness's stage runner when systemd is PID 1 (kernel argument
+#: ``systemd.wants=luo-vm-stage.service``, not enabled in the tree): the
+#: harness's init in service mode, started once the project's units are up.
+STAGE_UNIT = "/etc/systemd/system/luo-vm-stage.service"
+STAGE_UNIT_TEXT = f"""[Unit]
+Description=VM harness: this boot's stage (tests/vm)
+After=liveupdate-resume.service liveupdate-agent.service
+
+[Service]
+Type=exec
+ExecStart={GUEST_PYTHON} -S {GUEST_SRC}/tests/vm/guest_init.py --service
+StandardOutput=journal+console
+StandardError=journal+console
 """
 #: Test tools the guest stages use besides the project's own dependencies.
 EXTRA_PYTHON = ("pytest>=8.3", "pytest-timeout>=2.3")
@@ -177,18 +226,23 @@ def _chroot(root: Path, *argv: str) -> str:
 
 
 def install_shim(root: Path) -> None:
-    """Write :data:`SHIM_TEXT` to the tree's GUEST_SHIM unless it is there already.
+    """Write the boot shim and the stage unit into the tree unless they are there.
 
-    Not part of the cache key: the shim belongs to the harness, and a changed
-    shim is written into the cached tree in place (same content, same result).
+    Not part of the cache key: both belong to the harness, and a changed one
+    is written into the cached tree in place (same content, same result).
     """
-    shim = root / GUEST_SHIM.lstrip("/")
-    if shim.is_file() and shim.read_text() == SHIM_TEXT:
-        return
-    tmp = shim.with_name(shim.name + ".tmp")
-    tmp.write_text(SHIM_TEXT)
-    tmp.chmod(0o755)
-    tmp.rename(shim)
+    for guest_path, text, mode in (
+        (GUEST_SHIM, SHIM_TEXT, 0o755),
+        (STAGE_UNIT, STAGE_UNIT_TEXT, 0o644),
+    ):
+        path = root / guest_path.lstrip("/")
+        if path.is_file() and path.read_text() == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        tmp.rename(path)
 
 
 def precompile(rootfs: Rootfs, log: Callable[[str], None] = _say) -> None:

@@ -146,3 +146,43 @@ def test_the_one_test_kernel_boots_systemd_and_keeps_a_clock_reference() -> None
     # Without ACPI there is no HPET or PM timer to calibrate the TSC against,
     # and a busy TCG host leaves the guest on the jiffies clock.
     assert {"CONFIG_ACPI=y", "CONFIG_HPET_TIMER=y"} <= set(options)
+
+
+def test_the_stage_unit_is_written_with_the_shim(tmp_path: Path) -> None:
+    (tmp_path / rootfs.GUEST_SHIM.lstrip("/")).parent.mkdir(parents=True)
+    rootfs.install_shim(tmp_path)
+    unit = tmp_path / rootfs.STAGE_UNIT.lstrip("/")
+    assert unit.read_text() == rootfs.STAGE_UNIT_TEXT
+    assert "guest_init.py --service" in rootfs.STAGE_UNIT_TEXT
+
+
+def test_the_systemd_scenario_boots_systemd_on_an_overlay_with_a_disk(
+    tmp_path: Path,
+) -> None:
+    from tests.vm.e2e_systemd import systemd_scenario
+
+    sc = systemd_scenario(_root(tmp_path))
+    line = harness.kernel_cmdline(sc, "pre")
+    assert "luovm.exec=/lib/systemd/systemd" in line
+    assert "luovm.overlay=vda" in line
+    assert "systemd.wants=luo-vm-stage.service" in line
+    assert "luovm.overlay=*" in rootfs.SHIM_TEXT
+    k = kernel.Kernel(tmp_path / "bzImage", tmp_path / "config", "x", "x")
+    argv = harness.qemu_argv(sc, k, tmp_path, "tcg")
+    assert f"file={tmp_path / harness.DISK_IMAGE},format=raw,if=virtio" in argv
+    plain = harness.qemu_argv(_scenario(_root(tmp_path)), k, tmp_path, "tcg")
+    assert not any(harness.DISK_IMAGE in a for a in plain)
+
+
+def test_the_guest_runs_the_deploy_doc_steps_but_the_install_from_pypi() -> None:
+    from tests.vm.systemd_guest import deploy_steps, runnable
+
+    blocks = deploy_steps()
+    assert len(blocks) == 4
+    first = runnable(blocks[0])
+    assert "ln -sf /opt/luo-orchestrator/venv/bin/liveupdate" in first
+    assert "pip install" not in first
+    assert "python3 -m venv" not in first
+    # Every other block runs as written.
+    assert [runnable(b) for b in blocks[1:]] == blocks[1:]
+    assert "systemctl enable --now liveupdate-agent.service" in blocks[3]
