@@ -489,3 +489,22 @@ def test_cold_boot_after_the_kexec_record_reports_the_loss_once(host: Host) -> N
     assert status["outcome"] == "failed"
     assert "none of the preserved" in status["error"]
     assert host.resume(book).returncode == 0  # closed: the next boot is quiet
+
+
+def test_the_kexec_syncs_what_was_written_during_the_freeze(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """reboot(KEXEC) does not sync (``kexec -e`` does): the engine syncs right
+    before it. A fake kernel stands in for the reboot syscall, which cannot
+    run on this host; the VM scenarios run the real one."""
+    from orchestrator.engine import _engine
+
+    calls: list[str] = []
+
+    class Kernel:
+        def reboot_kexec(self) -> None:
+            calls.append("kexec")
+
+    monkeypatch.setattr("os.sync", lambda: calls.append("sync"))
+    _engine._sync_and_kexec(Kernel())  # type: ignore[arg-type]
+    assert calls == ["sync", "kexec"]
