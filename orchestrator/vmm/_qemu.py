@@ -167,14 +167,24 @@ def log_tail(path: str | Path, lines: int = 5) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
-def _connectable(path: Path) -> bool:
+def _serving(path: Path) -> bool:
+    """Whether QEMU's main loop answers QMP: it has started the machine.
+
+    The socket listens, and QMP's own thread greets, before QEMU has opened
+    its disks; a QEMU that then fails (a disk another QEMU holds locked)
+    exits without answering a command.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(str(path))
+            with probe.makefile("rb") as reader:  # closed before the socket
+                if not reader.readline().startswith(b'{"QMP"'):
+                    return False
+                probe.sendall(b'{"execute": "qmp_capabilities"}\n')
+                return reader.readline().startswith(b'{"return"')
         except OSError:
             return False
-    return True
 
 
 def launch_vm(
@@ -234,7 +244,7 @@ def launch_vm(
         if own_fd is not None:
             os.close(own_fd)  # QEMU holds it now, under the same number
     deadline = time.monotonic() + timeout
-    while not _connectable(qmp):
+    while not _serving(qmp):
         if not running(pid):
             raise VmError(
                 spec.name, f"QEMU exited during start-up: {log_tail(log) or '?'}"

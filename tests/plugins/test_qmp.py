@@ -86,3 +86,13 @@ def test_bad_qemu_argument_fails_fast(tmp_path: Path, guest_image: Path) -> None
     spec = VmSpec("bad", str(guest_image), extra=("-no-such-option",))
     with pytest.raises(VmError, match=r"exited during start-up.*no-such-option"):
         launch_vm(tmp_path / "qemu", spec)
+
+
+def test_a_qemu_that_fails_after_its_socket_listens_fails_the_launch(
+    vm_host: VmHost, tmp_path: Path
+) -> None:
+    """QMP's socket listens before QEMU opens its disks: a second QEMU on the
+    disk vm0 holds locked must fail the launch, not return a dead VM."""
+    spec = VmSpec("twin", vm_host.vm.spec.image)
+    with pytest.raises(VmError, match=r"exited during start-up.*write.? lock"):
+        launch_vm(tmp_path / "twin", spec)
