@@ -158,7 +158,7 @@ def families(observed: Sequence[Run], every: Sequence[Run]) -> Iterator[Metric]:
             phase_h.observe((span.phase,), span.seconds)
         if run.blackout_s is not None:
             blackout_h.observe((), run.blackout_s)
-        for seconds in run.vm_blackouts:
+        for seconds in run.vm_blackouts.values():
             vm_h.observe((), seconds)
         for span in run.steps:
             key = (span.plugin or "unknown", span.phase)

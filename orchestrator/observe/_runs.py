@@ -118,7 +118,7 @@ class Run:
     preserved_fds: int = 0
     preserved_bytes: int | None = None
     plugin_blackouts: dict[str, float] = field(default_factory=dict)
-    vm_blackouts: list[float] = field(default_factory=list)
+    vm_blackouts: dict[str, float] = field(default_factory=dict)  # by VM name
 
     @property
     def state(self) -> str:
@@ -245,8 +245,9 @@ def _on_step_end(r: _Reader, rec: dict[str, Any]) -> None:
         recorded = rec.get("records") or {}
         if recorded.get("blackout_s") is not None:
             r.run.plugin_blackouts[plugin] = float(recorded["blackout_s"])
-        r.run.vm_blackouts.extend(
-            float(v) for v in (recorded.get("vm_blackout_s") or {}).values()
+        r.run.vm_blackouts.update(
+            (str(name), float(v))
+            for name, v in (recorded.get("vm_blackout_s") or {}).items()
         )
 
 

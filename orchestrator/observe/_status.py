@@ -39,6 +39,7 @@ class Status:
     blackout_s: float | None = None
     blackout_wall_s: float | None = None
     plugin_blackouts: dict[str, float] = field(default_factory=dict)
+    vm_blackouts: dict[str, float] = field(default_factory=dict)  # by VM name
     boots: list[str] = field(default_factory=list)
     liveupdate_number: int | None = None
     interrupted: bool = False  # the last run never ended and nothing runs it
@@ -116,6 +117,7 @@ def summarize(state_dir: Path) -> Status:
     status.blackout_s = run.blackout_s
     status.blackout_wall_s = run.blackout_wall_s
     status.plugin_blackouts = dict(run.plugin_blackouts)
+    status.vm_blackouts = dict(run.vm_blackouts)
     status.boots = list(run.boots)
     status.liveupdate_number = run.liveupdate_number
     return status

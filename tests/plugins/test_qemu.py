@@ -122,6 +122,8 @@ def test_vm_survives_the_kexec(vm_host: VmHost, restore_path: bool) -> None:
     records = step_records(vm_host, "restore")
     assert records["blackout_s"] > 0
     assert set(records["vm_blackout_s"]) == {"vm0"}
+    # Each VM's own pause, by name, in the status (the fleet's summary).
+    assert state["vm_blackouts"] == pytest.approx(records["vm_blackout_s"])
     # ...and exported through the engine's metrics, equal to the journal's.
     registry = CollectorRegistry()
     register_metrics(registry, vm_host.state, history=False)

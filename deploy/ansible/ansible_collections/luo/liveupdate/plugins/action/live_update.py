@@ -173,6 +173,7 @@ class ActionModule(ActionBase):
             blackout_s=last["blackout_s"],
             phases=last["phases"],
             plugin_blackouts=last["plugin_blackouts"],
+            vm_blackouts=last.get("vm_blackouts") or {},
             boot_id_after=final["boot_id"],
             liveupdate_number=final["liveupdate_number"],
             running_kernel=final["running_kernel"],

@@ -114,6 +114,7 @@ def facts_from(probe, status, agent, agent_error, target_kernel=None):
             "blackout_s": status.get("blackout_s"),
             "phases": status.get("phases") or {},
             "plugin_blackouts": status.get("plugin_blackouts") or {},
+            "vm_blackouts": status.get("vm_blackouts") or {},
             "interrupted": bool(status.get("interrupted")),
             "next_command": status.get("next_command"),
         },

@@ -123,6 +123,11 @@ plugin_blackouts:
   returned: when changed
   type: dict
   sample: {qemu: 0.41}
+vm_blackouts:
+  description: Each VM's pause, QMP stop to cont, in seconds, by VM name (the qemu plugin's VMs).
+  returned: when changed
+  type: dict
+  sample: {vm0: 0.41, vm1: 0.38}
 boot_id_before:
   description: The boot id before the update.
   returned: always

@@ -88,7 +88,7 @@ ansible_facts:
         agent_error: null
         agent_updating: false
         last_update: {run_id: 853668b1f4b9, state: NORMAL, outcome: completed, error: null,
-                      blackout_s: 0.87, phases: {}, plugin_blackouts: {}, interrupted: false,
+                      blackout_s: 0.87, phases: {}, plugin_blackouts: {}, vm_blackouts: {}, interrupted: false,
                       next_command: null}
         target_kernel: 7.2.13-luo
         target_running: false
