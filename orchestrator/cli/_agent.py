@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import argparse
 
     from orchestrator.agent.client import AgentClient
+    from orchestrator.luo import Kernel
 
 
 EXIT_REFUSED = 1  # the agent refused the request, or could not start
@@ -59,11 +60,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     kernel = kernel_from_spec(args.kernel)
     # A host without LUO has nothing for an agent to do: say why and exit 3,
     # which the unit does not restart (RestartPreventExitStatus=3). A busy
-    # device (a keeper, a running update) is no reason not to start.
-    report = probe(kernel, try_kinds=False)
-    if report.exit_code == EXIT_NOT_POSSIBLE:
-        _fail(f"no live update on this host, the agent stops: {report.reason}")
-        return EXIT_NOT_POSSIBLE
+    # device (a keeper, a running update) is no reason not to start. Only
+    # the device is tried: the agent may start inside a blackout (to resume
+    # its own update), and probe, which reads the kernel's whole log, runs
+    # only to say why not.
+    if not _has_device(kernel):
+        report = probe(kernel, try_kinds=False)
+        if report.exit_code == EXIT_NOT_POSSIBLE:
+            _fail(f"no live update on this host, the agent stops: {report.reason}")
+            return EXIT_NOT_POSSIBLE
     limits = Limits(
         idle_timeout=args.idle_timeout,
         max_connections=args.max_connections,
@@ -98,6 +103,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
         _fail(_leaf(group))
         code = EXIT_REFUSED
     return code
+
+
+def _has_device(kernel: Kernel) -> bool:
+    """Whether *kernel* has a /dev/liveupdate (busy counts: it exists)."""
+    try:
+        fd = kernel.open_device()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    kernel.close(fd)
+    return True
 
 
 def _leaf(error: BaseException) -> BaseException:
