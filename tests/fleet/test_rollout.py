@@ -243,6 +243,17 @@ def _gate_rollout(
     return proc, summary, gate
 
 
+def _gate_values(gate: dict[str, Any], check: str) -> list[Any]:
+    """Every value the gate's *check* saw, round after round."""
+    return [
+        v["value"]
+        for r in gate["rounds"]
+        for c in r["checks"]
+        if c["name"] == check
+        for v in c["values"]
+    ]
+
+
 def test_gate_sees_a_blackout_over_budget_and_stops(
     healthy: Fleet, prometheus: Server, workdir: Path
 ) -> None:
@@ -256,13 +267,7 @@ def test_gate_sees_a_blackout_over_budget_and_stops(
         rolling_update_gate_timeout=60,
     )
     assert gate["reason"].startswith("blackout under budget: "), gate
-    seen = [
-        v["value"]
-        for r in gate["rounds"]
-        for c in r["checks"]
-        if c["name"] == "blackout under budget"
-        for v in c["values"]
-    ]
+    seen = _gate_values(gate, "blackout under budget")
     assert seen, gate
     assert seen[-1] > 0.000001
     assert summary["stop_reason"].startswith(
@@ -328,13 +333,7 @@ def test_gate_sees_a_workload_that_did_not_come_back_and_stops(
         wait_until(f"{canary.name} up", canary.up)
         fleet.digests[canary.name] = fleet.register_data(canary)
     assert gate["reason"].startswith("workloads healthy: "), gate
-    seen = [
-        v["value"]
-        for r in gate["rounds"]
-        for c in r["checks"]
-        if c["name"] == "workloads healthy"
-        for v in c["values"]
-    ]
+    seen = _gate_values(gate, "workloads healthy")
     assert seen, gate
     assert seen[-1] == 1, gate
     assert "gate failed" in summary["stop_reason"]
