@@ -78,11 +78,14 @@ async def _route(
     agent: Agent, method: str, target: str, body: bytes
 ) -> tuple[int, dict[str, Any] | str]:
     if (method, target) == ("GET", "/v1/status"):
-        status = await anyio.to_thread.run_sync(_status, agent, limiter=agent.blocking)
-        status["agent"] = {
+        # The flag before the journal: an update that ends while the journal is
+        # read must not be reported as ended with the state it had mid-way.
+        agent_view = {
             "updating": agent.updating,
             "registrations": len(agent.registrations),
         }
+        status = await anyio.to_thread.run_sync(_status, agent, limiter=agent.blocking)
+        status["agent"] = agent_view
         return 200, status
     if (method, target) == ("GET", "/v1/registrations"):
         return 200, {"items": [r.public() for r in agent.registrations.values()]}

@@ -88,6 +88,28 @@ async def test_status_and_errors(http: httpx.AsyncClient) -> None:
     assert (await http.get("/v1/report")).status_code == 404
 
 
+async def test_status_reads_the_flag_before_the_journal(
+    http: httpx.AsyncClient, agent: Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update that ends while its journal is read is still reported as running.
+
+    Otherwise a poller sees ``updating: false`` beside the state the journal
+    had mid-way (CANCELLING, no outcome) and stops polling too early.
+    """
+    from orchestrator.agent import _http
+
+    read = _http._status
+
+    def ends_while_read(a: Agent) -> dict[str, object]:
+        a.updating = False  # the update's last step, while the journal is read
+        return read(a)
+
+    agent.updating = True
+    monkeypatch.setattr(_http, "_status", ends_while_read)
+    status = (await http.get("/v1/status")).json()
+    assert status["agent"]["updating"] is True
+
+
 async def test_start_then_cancel_an_update(
     http: httpx.AsyncClient, agent: Agent, tmp_path: Path
 ) -> None:
