@@ -75,7 +75,7 @@ BLACKOUT_BUDGET = 300
 #: Seconds until every VM's workload is registered with its agent.
 READY_TIMEOUT = 600.0
 #: QEMU's limit for a VM (the whole rollout runs inside it).
-VM_TIMEOUT = 1500.0
+VM_TIMEOUT = 2400.0
 ROLLOUT = REPO_ROOT / "tests" / "fleet" / "playbooks" / "rollout.yml"
 AGENT_PLAYBOOK = REPO_ROOT / "playbooks" / "agent-update.yaml"
 
@@ -182,7 +182,9 @@ def check_host(
         errs.append(f"{name}: runs {post.get('release')} after, not {releases[1]}")
     if post.get("boot_id") == pre.get("boot_id"):
         errs.append(f"{name}: the same boot before and after")
-    before, after = pre.get("liveupdate_number"), post.get("liveupdate_number")
+    # A kernel that logs no "liveupdate number: N" has had no live update:
+    # 0, as the collection's facts count it.
+    before, after = pre.get("liveupdate_number") or 0, post.get("liveupdate_number")
     if not isinstance(before, int) or after != before + 1:
         errs.append(f"{name}: liveupdate number {before} -> {after}, not + 1")
     if (pre.get("sha256"), pre.get("size")) != (post.get("sha256"), post.get("size")):
@@ -379,7 +381,13 @@ async def _fleet(
 
     (root / "prometheus").mkdir()
     with running_prometheus(
-        binary, root / "prometheus", [vm.instance for vm in vms], interval="2s"
+        # A scrape may take as long as its interval: a metrics endpoint in a
+        # TCG guest sharing two cores with two others took more than 2 s to
+        # answer, and the gate read that as the host down (up == 0).
+        binary,
+        root / "prometheus",
+        [vm.instance for vm in vms],
+        interval="5s",
     ) as server:
         async with anyio.create_task_group() as tg:
             for vm in vms:

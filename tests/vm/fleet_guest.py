@@ -48,7 +48,7 @@ GATEWAY = "10.0.2.2"
 METRICS_PORT = 9731
 CONTROL = Path("/run/liveupdate/control.sock")
 #: How long a stage waits for what the host side does (its rollout).
-WAIT_S = 1500.0
+WAIT_S = 2400.0
 
 
 def say(msg: str) -> None:
@@ -101,6 +101,23 @@ def boot_services() -> None:
     mark("fleet.network")
     start("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", str(OUT / "sshd_config")])
     liveupdate = str(BIN / "liveupdate")
+    # The metrics endpoint first, as an exporter independent of the update
+    # would be: Prometheus sees the host up again while its update resumes,
+    # so the gate that follows does not read the blackout's up == 0.
+    start(
+        "metrics",
+        [
+            liveupdate,
+            "metrics",
+            "serve",
+            "--state-dir",
+            str(STATE),
+            "--listen",
+            f"0.0.0.0:{METRICS_PORT}",
+            "--workloads",
+            "/run/workloads",
+        ],
+    )
     if (STATE / "restore-plan").exists():
         # Its output to a file, not a pipe: the keeper it leaves behind for
         # the agent inherits it, and would hold a pipe open.
@@ -120,20 +137,6 @@ def boot_services() -> None:
             "-c",
             'printf \'{"name": "app", "pid": %d}\' $$ > /run/workloads/app.json; '
             "exec sleep infinity",
-        ],
-    )
-    start(
-        "metrics",
-        [
-            liveupdate,
-            "metrics",
-            "serve",
-            "--state-dir",
-            str(STATE),
-            "--listen",
-            f"0.0.0.0:{METRICS_PORT}",
-            "--workloads",
-            "/run/workloads",
         ],
     )
 
@@ -158,7 +161,10 @@ def fill(fd: int, mib: int) -> str:
 
 def host_facts() -> dict[str, Any]:
     """What this host says of itself: boot id, release, ``liveupdate probe``."""
-    probe = run([str(BIN / "liveupdate"), "probe", "--json"])
+    # --no-kinds, as the collection's facts: in the target kernel, probing
+    # the preservable kinds did not answer within 120 s (three TCG guests
+    # on two cores) while the agent held the device.
+    probe = run([str(BIN / "liveupdate"), "probe", "--json", "--no-kinds"])
     try:
         report: dict[str, Any] = json.loads(probe.stdout)
     except ValueError:

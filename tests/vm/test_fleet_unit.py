@@ -72,6 +72,15 @@ def test_the_scenario_gives_qemu_the_vm_s_forwards(tmp_path: Path) -> None:
     [
         pytest.param(_pre(), _post(), [], id="good"),
         pytest.param(
+            _pre(liveupdate_number=None), _post(), [], id="first-boot-logs-no-number"
+        ),
+        pytest.param(
+            _pre(liveupdate_number=None),
+            _post(liveupdate_number=None),
+            ["+ 1"],
+            id="no-number-after",
+        ),
+        pytest.param(
             _pre(ready=False, error="boom"), None, ["never ready"], id="not-ready"
         ),
         pytest.param(_pre(), None, ["no report"], id="no-post"),
