@@ -461,8 +461,8 @@ class Engine:
                 raise PhaseError(
                     Phase.KEXEC.value,
                     "via systemd",
-                    f"systemctl kexec would lose "
-                    f"the sessions: {why}; use next_kernel.via: syscall",
+                    f"systemctl kexec would lose the sessions: {why}; "
+                    "use next_kernel.via: syscall",
                 )
         run.preserver = await anyio.to_thread.run_sync(
             functools.partial(
