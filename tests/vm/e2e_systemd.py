@@ -121,7 +121,7 @@ def report(result: Result) -> list[str]:
             continue
         for key in ("boot_state", "resume", "agent", "reclaimed", "fdkeep"):
             print(f"  {key:22} {info.get(key)}")
-        for key in ("adopted", "kexec_via", "systemd_plugin", "blackouts"):
+        for key in ("killed", "adopted", "kexec_via", "systemd_plugin", "blackouts"):
             if key in info:
                 print(f"  {key:22} {info.get(key)}")
         status = info.get("status")

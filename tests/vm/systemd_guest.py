@@ -335,6 +335,77 @@ def start_fdkeep(mib: int) -> dict[str, Any]:
     }
 
 
+def journal_records() -> list[dict[str, Any]]:
+    path = Path(STATE_DIR, "journal.jsonl")
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def kill_mid_update() -> dict[str, Any]:
+    """Start an update that hangs after PRESERVE, SIGKILL the agent there;
+    systemd restarts it, and it must cancel that update with nothing lost."""
+    hang = PLAYBOOK.with_name("hangs.yaml")
+    book = yaml.safe_load(PLAYBOOK.read_text())
+    book["phases"]["prepare"]["steps"].append(
+        {"plugin": "faults", "with": {"hang": 600}}
+    )
+    hang.write_text(yaml.safe_dump(book, sort_keys=False))
+    out: dict[str, Any] = {}
+    run = subprocess.Popen(
+        ["liveupdate", "run", str(hang)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not any(
+        r.get("event") == "step_start" and r.get("plugin") == "faults"
+        for r in journal_records()
+    ):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    out["stored_before_kill"] = unit_show(AGENT_UNIT, "NFileDescriptorStore")
+    sh(["systemctl", "kill", "--signal=SIGKILL", AGENT_UNIT])
+    run.wait(timeout=300)
+    # Type=notify: active again once the restarted agent serves.
+    deadline = time.monotonic() + 300
+    while unit_show(AGENT_UNIT, "NRestarts").get("NRestarts") == "0":
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    sh(["systemctl", "start", AGENT_UNIT], timeout=600)  # waits for READY=1
+    out["agent_after"] = unit_show(
+        AGENT_UNIT, "ActiveState", "NRestarts", "NFileDescriptorStore"
+    )
+    status = sh(["liveupdate", "status", "--state-dir", STATE_DIR, "--json"])
+    st = json.loads(status.stdout) if status.returncode == 0 else {}
+    out["status"] = {k: st.get(k) for k in ("state", "outcome", "error")}
+    listed = sh(["liveupdate", "handover", "list", "--json"])
+    regs = json.loads(listed.stdout) if listed.returncode == 0 else []
+    out["checks"] = {
+        "killed mid-update: the store held the registration and the session": out[
+            "stored_before_kill"
+        ].get("NFileDescriptorStore")
+        == "2",
+        "killed mid-update: systemd restarted the agent": out["agent_after"].get(
+            "ActiveState"
+        )
+        == "active"
+        and out["agent_after"].get("NRestarts") == "1",
+        "killed mid-update: the update was cancelled": (
+            st.get("state"),
+            st.get("outcome"),
+        )
+        == ("NORMAL", "cancelled"),
+        "killed mid-update: the session released, the registration kept": out[
+            "agent_after"
+        ].get("NFileDescriptorStore")
+        == "1"
+        and [r.get("name") for r in regs] == [WORKLOAD_2],
+    }
+    return out
+
+
 def stage_mid(mib: int) -> int:
     """Boot 2: check the first update; then a second one, through systemd."""
     info: dict[str, Any] = {"stage": "mid", "ok": False}
@@ -342,6 +413,13 @@ def stage_mid(mib: int) -> int:
     info["ok"] = restored(info, WORKLOAD, pre)
     if not info["ok"]:
         return _report(info)
+    second: dict[str, Any] = {}
+    done = register(WORKLOAD_2, mib, second)
+    info["second"] = second
+    info["checks"]["second workload registered"] = done.returncode == 0
+    # An update whose agent is killed between PRESERVE and the kexec.
+    info["killed"] = killed = kill_mid_update()
+    info["checks"].update(killed["checks"])
     # The second update: systemd's own live update beside the project's.
     info["fdkeep"] = fdkeep = start_fdkeep(FDKEEP_MIB)
     book = yaml.safe_load(PLAYBOOK.read_text())
@@ -355,14 +433,10 @@ def stage_mid(mib: int) -> int:
     for phase in ("quiesce", "restore"):
         book["phases"].setdefault(phase, {"steps": []})["steps"].append(services)
     PLAYBOOK.write_text(yaml.safe_dump(book, sort_keys=False))
-    second: dict[str, Any] = {}
-    done = register(WORKLOAD_2, mib, second)
-    info["second"] = second
     info["checks"]["fdkeep stored its memfd"] = (
         fdkeep["stored"] is not None
         and fdkeep["unit"].get("NFileDescriptorStore") == "1"
     )
-    info["checks"]["second workload registered"] = done.returncode == 0
     info["ok"] = all(info["checks"].values())
     if _report(info):
         return 1
