@@ -395,7 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="M",
         help="blackout: MiB of each of the --engine-workloads stores (default 32)",
     )
-    p.add_argument("--timeout", type=float, default=600.0, help="per QEMU run (s)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="per QEMU run (s): a bound for a hang, not a speed",
+    )
     p.add_argument("--accel", choices=["tcg", "kvm"], default=None)
     p.add_argument(
         "--kernel-arg",
