@@ -23,7 +23,7 @@ from orchestrator.engine._playbook import load_playbook
 from orchestrator.restore._journal import read_journal
 from plugins.systemd import SystemdPlugin
 from tests.engine.conftest import events
-from tests.engine.test_kexec_via import Parking
+from tests.engine.test_kexec_via import Parking, _run
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -95,26 +95,6 @@ def book(host: Host, via: str = "systemd") -> Path:
     return path
 
 
-async def run(host: Host, path: Path) -> tuple[Any, Engine]:
-    engine = Engine(
-        load_playbook(path), host.kernel, host.state, owner="agent", parking=Parking()
-    )
-    outcome: Any = None
-    with anyio.move_on_after(60):
-        async with anyio.create_task_group() as tg:
-
-            async def go() -> None:
-                nonlocal outcome
-                outcome = await engine.run()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(go)
-            while not engine._handed_off:  # noqa: ASYNC110  (the engine's own flag)
-                await anyio.sleep(0.05)
-            tg.cancel_scope.cancel()
-    return outcome, engine
-
-
 def cancel_reason(host: Host) -> str:
     ends = [r for r in read_journal(host.state) if r["event"] == "run_end"]
     return str(ends[-1]["error"])
@@ -123,8 +103,8 @@ def cancel_reason(host: Host) -> str:
 async def test_the_stores_are_checked_and_counted_then_the_kexec_is_systemds(
     host: Host, systemd: Path
 ) -> None:
-    outcome, engine = await run(host, book(host))
-    assert (outcome, engine._handed_off) == (None, True)
+    outcome, handed_off = await _run(host, book(host), Parking())
+    assert (outcome, handed_off) == (None, True)
     assert load(systemd)["kexec"] is True
     [end] = [e for e in events(host, "step_end") if e["plugin"] == "systemd"]
     assert end["records"]["stores"] == {"db.service": 2}
@@ -148,8 +128,8 @@ async def test_a_store_systemd_would_not_keep_cancels_before_anything_changes(
     host: Host, systemd: Path, change: dict[str, Any], reason: str
 ) -> None:
     save(systemd, {**load(systemd), **change})
-    outcome, engine = await run(host, book(host))
-    assert (outcome.value, engine._handed_off) == ("cancelled", False)
+    outcome, handed_off = await _run(host, book(host), Parking())
+    assert (outcome.value, handed_off) == ("cancelled", False)
     assert reason in cancel_reason(host)
     assert "kexec" not in load(systemd)
     host.assert_workloads_intact()
