@@ -10,6 +10,7 @@ Options (``with:``, declared in :data:`OPTIONS`):
 - ``transient_failures: N`` -- fail with a transient (retried) error on the
   first N attempts, then succeed;
 - ``hang: SECONDS`` -- sleep (to trip a timeout, or to be killed mid-phase);
+  with ``until: FILE``, stop as soon as that file exists;
 - ``kill_workload: NAME`` -- SIGKILL a demo workload (a workload dies);
 - ``kill_self: true`` -- SIGKILL the orchestrator itself (a crash mid-phase);
 - ``trace: PATH`` -- append ``<phase>`` / ``<phase>_rollback`` lines to PATH;
@@ -44,6 +45,11 @@ OPTIONS = (
         max=100,
     ),
     Option("hang", float, "sleep this many seconds first", min=0, max=86400),
+    Option(
+        "until",
+        str,
+        "with hang: stop sleeping as soon as this file exists (a test's cue)",
+    ),
     Option(
         "rollback_hang",
         float,
@@ -91,8 +97,12 @@ async def _act(ctx: StepContext) -> None:
         await _kill_and_wait(int(info["pid"]))
     if ctx.attempt <= int(option_value(opts, OPTIONS, "transient_failures")):
         raise InjectedTransientError(f"transient failure on attempt {ctx.attempt}")
-    if opts.get("hang") is not None:
+    if opts.get("hang") is not None and opts.get("until") is None:
         await anyio.sleep(float(opts["hang"]))
+    elif opts.get("hang") is not None:
+        with anyio.move_on_after(float(opts["hang"])):
+            while not await anyio.Path(opts["until"]).exists():  # noqa: ASYNC110  (a file)
+                await anyio.sleep(0.1)
     if opts.get("fail") is not None:
         raise InjectedError(str(opts["fail"]))
 

@@ -48,6 +48,10 @@ MAX_LISTEN_FDS: Final = 4096
 #: (``FileDescriptorStorePreserve=``).
 FD_STORE_PRESERVE_SINCE: Final = 261
 REGISTRATION_PREFIX: Final = "reg-"
+#: An update's LUO session fds are parked too (``lus-`` + the session name in
+#: the same base64), so that they outlive the agent: a restart before the
+#: kexec, and ``systemctl kexec``'s shutdown, which stops the agent first.
+SESSION_PREFIX: Final = "lus-"
 _VERSION = re.compile(r"^systemd (\d+)\b", re.M)
 
 
@@ -74,17 +78,14 @@ class FdStoreSupport:
     reason: str
 
 
-def registration_fdname(name: str) -> str:
-    """The ``FDNAME`` a registration is stored under (see the module docstring)."""
-    encoded = base64.urlsafe_b64encode(name.encode()).rstrip(b"=").decode()
-    return REGISTRATION_PREFIX + encoded
+def _fdname(prefix: str, name: str) -> str:
+    return prefix + base64.urlsafe_b64encode(name.encode()).rstrip(b"=").decode()
 
 
-def registration_name(fdname: str) -> str | None:
-    """The registration an ``FDNAME`` stands for; None if it names none."""
-    if not fdname.startswith(REGISTRATION_PREFIX):
+def _named(prefix: str, fdname: str) -> str | None:
+    if not fdname.startswith(prefix):
         return None
-    encoded = fdname[len(REGISTRATION_PREFIX) :]
+    encoded = fdname[len(prefix) :]
     try:
         raw = base64.b64decode(
             encoded + "=" * (-len(encoded) % 4), altchars=b"-_", validate=True
@@ -92,6 +93,26 @@ def registration_name(fdname: str) -> str | None:
         return raw.decode()
     except (binascii.Error, ValueError):
         return None
+
+
+def registration_fdname(name: str) -> str:
+    """The ``FDNAME`` a registration is stored under (see the module docstring)."""
+    return _fdname(REGISTRATION_PREFIX, name)
+
+
+def registration_name(fdname: str) -> str | None:
+    """The registration an ``FDNAME`` stands for; None if it names none."""
+    return _named(REGISTRATION_PREFIX, fdname)
+
+
+def session_fdname(name: str) -> str:
+    """The ``FDNAME`` an update's LUO session fd is stored under."""
+    return _fdname(SESSION_PREFIX, name)
+
+
+def session_name(fdname: str) -> str | None:
+    """The LUO session an ``FDNAME`` stands for; None if it names none."""
+    return _named(SESSION_PREFIX, fdname)
 
 
 def _address(environ: MutableMapping[str, str]) -> str | None:
@@ -238,3 +259,52 @@ def fd_store_support(
         f"fd store in use; systemd {version} can keep it across a kexec "
         "(with FileDescriptorStorePreserve=yes)",
     )
+
+
+def own_unit(cgroup: str) -> str | None:
+    """The service unit a ``/proc/self/cgroup`` text puts this process in."""
+    for line in cgroup.splitlines():
+        hierarchy, _, path = line.partition("::")
+        if hierarchy == "0" and path:
+            leaf = path.rstrip("/").rsplit("/", 1)[-1]
+            return leaf if leaf.endswith(".service") else None
+    return None
+
+
+def store_preserved_by_unit(unit: str) -> bool:
+    """Whether *unit* has ``FileDescriptorStorePreserve=yes``.
+
+    ``systemctl show`` of an older systemd without the property prints
+    nothing for it: not preserved.
+    """
+    try:
+        done = subprocess.run(
+            ["systemctl", "show", "--property=FileDescriptorStorePreserve", unit],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.stdout.strip() == "FileDescriptorStorePreserve=yes"
+
+
+def kexec_via_systemd_refusal(support: FdStoreSupport) -> str | None:
+    """Why ``systemctl kexec`` would lose this agent's sessions; None when it won't.
+
+    systemd stops the agent early in the shutdown. Its sessions live on only
+    in its fd store, which must survive the kexec: systemd >= 261, and the
+    unit's ``FileDescriptorStorePreserve=yes``.
+    """
+    if not support.preserved_across_kexec:
+        return support.reason
+    try:
+        unit = own_unit(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        unit = None
+    if unit is None:
+        return "the agent does not run as a systemd service"
+    if not store_preserved_by_unit(unit):
+        return f"{unit} does not set FileDescriptorStorePreserve=yes"
+    return None

@@ -57,9 +57,12 @@ from orchestrator.luo._fds import describe_fd, shmem_can_preserve
 
 from ._fdstore import (
     fd_store_support,
+    kexec_via_systemd_refusal,
     registration_fdname,
     registration_name,
     remove_fd,
+    session_fdname,
+    session_name,
     store_fd,
     systemd_version,
 )
@@ -81,7 +84,7 @@ if TYPE_CHECKING:
     from orchestrator.engine._engine import Engine
     from orchestrator.luo import Kernel
 
-    from ._fdstore import StoredFd
+    from ._fdstore import FdStoreSupport, StoredFd
 
 logger = logging.getLogger(__name__)
 
@@ -643,6 +646,40 @@ async def run_agent(
         lock.release()
 
 
+class StoreParking:
+    """The agent's fd store as the engine's :class:`SessionParking`.
+
+    :param stored: what the store handed back at start; its sessions
+        (``lus-`` names) are kept for the resume to adopt.
+    """
+
+    def __init__(self, support: FdStoreSupport, stored: Sequence[StoredFd]) -> None:
+        self.support = support
+        self.stored: dict[str, int] = {}
+        for item in stored:
+            name = session_name(item.name)
+            if name is not None:
+                self.stored[name] = item.fd
+
+    def park(self, name: str, fd: int) -> bool:
+        return store_fd(fd, session_fdname(name))
+
+    def unpark(self, name: str) -> None:
+        remove_fd(session_fdname(name))
+
+    def kexec_via_systemd_refusal(self) -> str | None:
+        return kexec_via_systemd_refusal(self.support)
+
+    def release(self) -> None:
+        """Let go of the sessions handed back at start: out of the store,
+        and this process's copies closed."""
+        for name, fd in self.stored.items():
+            logger.info("fd store: releasing session %s", name)
+            remove_fd(session_fdname(name))
+            os.close(fd)
+        self.stored.clear()
+
+
 def _close_stored(stored: Sequence[StoredFd]) -> None:
     for item in stored:
         os.close(item.fd)
@@ -674,12 +711,17 @@ async def _run_locked(
             state_dir,
             pm=pm,
             owner="agent",  # after the kexec the agent, not the boot unit, restores
+            parking=parking,
         )
 
     support = fd_store_support(await anyio.to_thread.run_sync(systemd_version))
     logger.info("fd store: %s", support.reason)
-    await _resume_own_update(state_dir, engine_for)
-    await agent.adopt(stored)
+    parking = StoreParking(support, stored)
+    if await _resume_own_update(state_dir, engine_for):
+        # Whatever the resume needed of the stored sessions the keeper now
+        # holds (or the update was cancelled): the store's copies go.
+        await anyio.to_thread.run_sync(parking.release)
+    await agent.adopt([s for s in stored if session_name(s.name) is None])
     await agent.save()
 
     async def run_update(engine: Engine) -> None:
@@ -710,7 +752,7 @@ async def _run_locked(
 
 async def _resume_own_update(
     state_dir: Path, engine_for: Callable[[Path], Engine]
-) -> None:
+) -> bool:
     """Finish (or cancel) the update this agent started before it stopped.
 
     Only the agent's own runs (``owner: agent``) are its to resume: the boot
@@ -726,9 +768,9 @@ async def _resume_own_update(
         left = unfinished(await anyio.to_thread.run_sync(read_journal, state_dir))
     except OrchestratorError as exc:
         logger.error("cannot read the journal: %s", exc)
-        return
+        return False
     if not left or left[0].get("owner") != "agent":
-        return
+        return True
     try:
         engine = await anyio.to_thread.run_sync(
             engine_for, Path(str(left[0]["playbook"]))
@@ -741,5 +783,6 @@ async def _resume_own_update(
             left[0]["run"],
             exc,
         )
-        return
+        return False
     logger.info("resumed the interrupted update %s: %s", left[0]["run"], outcome.value)
+    return True

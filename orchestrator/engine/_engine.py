@@ -12,6 +12,7 @@ finishes.
 from __future__ import annotations
 
 import errno as E
+import functools
 import logging
 import os
 import signal
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from orchestrator.luo import Kernel
 
     from ._playbook import Playbook, Step
-    from ._preserve import Retriever
+    from ._preserve import Retriever, SessionParking
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Engine:
         pm: pluggy.PluginManager | None = None,
         reporter: Reporter | None = None,
         owner: str = "cli",
+        parking: SessionParking | None = None,
     ) -> None:
         self.playbook = playbook
         self.kernel = kernel
@@ -201,6 +203,10 @@ class Engine:
         self.pm = pm or plugin_manager()
         self.reporter = reporter
         self.owner = owner  # who resumes after the kexec: "cli" or "agent"
+        self.parking = parking  # where session fds are parked (the agent's fd store)
+        self._handing_off = False  # systemctl kexec asked: signals cannot cancel
+        self._handed_off = False  # systemctl kexec said yes: nothing may cancel now
+        self._stopped_by: int | None = None  # the signal that came meanwhile
         self.journal = Journal(state_dir, kernel.boot_id())
         self.journal_error: JournalError | None = None
         self._tolerant = False
@@ -401,6 +407,11 @@ class Engine:
                             async for signum in signals:
                                 name = signal.Signals(signum).name
                                 self._log("signal", signal=name)
+                                if self._handing_off:
+                                    # systemd's shutdown stopping this process:
+                                    # too late to cancel; dealt with below.
+                                    self._stopped_by = signum
+                                    continue
                                 raise PhaseError("*", "*", f"cancelled by {name}")
 
                         tg.start_soon(cancel_on_signal)
@@ -411,6 +422,14 @@ class Engine:
                     if not isinstance(exc, Exception):
                         raise
                     return outcome
+            if self._handed_off:
+                # systemd is shutting the host down, and stops this process on
+                # its way: SIGTERM has its default action again (the receiver
+                # is closed), and the sessions are in the fd store. A signal
+                # that came while systemctl ran is raised again, to that end.
+                if self._stopped_by is not None:
+                    signal.raise_signal(self._stopped_by)
+                await anyio.sleep_forever()
         raise AssertionError("unreachable: the kexec returned")
 
     async def _cancel(self, run: RunContext, done: list[Done], error: str) -> Outcome:
@@ -430,8 +449,33 @@ class Engine:
         return outcome
 
     async def _forward(self, run: RunContext, done: list[Done]) -> None:
-        run.preserver = await anyio.to_thread.run_sync(open_preserver, self.kernel)
+        nk = self.playbook.next_kernel
+        via = nk.via if nk is not None else "syscall"
+        if via == "systemd":
+            why = (
+                "only the agent can (run it with `liveupdate run --agent`)"
+                if self.parking is None
+                else self.parking.kexec_via_systemd_refusal()
+            )
+            if why is not None:
+                raise PhaseError(
+                    Phase.KEXEC.value,
+                    "via systemd",
+                    f"systemctl kexec would lose the sessions: {why}; "
+                    "use next_kernel.via: syscall",
+                )
+        run.preserver = await anyio.to_thread.run_sync(
+            functools.partial(
+                open_preserver, self.kernel, self.parking, must_park=via == "systemd"
+            )
+        )
         self._log("abi", abi=run.preserver.abi)
+        if via == "systemd" and run.preserver.abi != "merged":
+            raise PhaseError(
+                Phase.KEXEC.value,
+                "via systemd",
+                "systemd keeps only the merged ABI's sessions: use next_kernel.via: syscall",
+            )
         await self._run_phase(run, Phase.QUIESCE, done)
         await self._run_phase(run, Phase.PRESERVE, done)
         await self._run_phase(run, Phase.PREPARE, done)
@@ -453,7 +497,17 @@ class Engine:
             run, Phase.FREEZE, done, budget=self.playbook.blackout_budget
         )
         self._state(State.FROZEN)
-        self._log("kexec", phase=Phase.KEXEC.value)
+        self._log("kexec", phase=Phase.KEXEC.value, via=via)
+        if via == "systemd":
+            # The shutdown may stop this process before systemctl returns: from
+            # the moment it is asked, a signal must not cancel (and unpark).
+            self._handing_off = True
+            try:
+                await anyio.to_thread.run_sync(_sync_and_hand_off)
+            except KexecError as exc:
+                raise PhaseError(Phase.KEXEC.value, "systemctl", str(exc)) from exc
+            self._handed_off = True
+            return
         try:
             await anyio.to_thread.run_sync(_sync_and_kexec, self.kernel)
         except KexecError as exc:
@@ -644,6 +698,11 @@ class Engine:
             )
         else:
             keeper = prefetched
+        stored = self.parking.stored if self.parking is not None else {}
+        for name in [n for n in keeper.missing if n in stored]:
+            # systemd retrieved it (``systemctl kexec``) and handed it back
+            await anyio.to_thread.run_sync(keeper.adopt, name, stored[name])
+            self._log("resume", action="adopt", session=name)
         run.retriever = keeper
         # The kernel's word on this boot: did the planned sessions come through?
         none_came = bool(keeper.missing) and set(keeper.missing) >= set(
@@ -915,6 +974,30 @@ def _describe(exc: BaseException) -> str:
     return (
         f"{type(exc).__name__}: {exc}" if not isinstance(exc, PhaseError) else str(exc)
     )
+
+
+#: How the kexec is handed to systemd: queued, not waited for (the shutdown
+#: stops this process).
+SYSTEMCTL_KEXEC: tuple[str, ...] = ("systemctl", "--no-block", "kexec")
+
+
+def _sync_and_hand_off() -> None:
+    """Have systemd start the loaded kernel after an orderly shutdown.
+
+    :raises KexecError: systemctl refused (nothing was started).
+    """
+    import subprocess
+
+    os.sync()
+    try:
+        done = subprocess.run(
+            SYSTEMCTL_KEXEC, capture_output=True, text=True, check=False, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KexecError(E.EIO, " ".join(SYSTEMCTL_KEXEC), str(exc)) from exc
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        raise KexecError(E.EIO, " ".join(SYSTEMCTL_KEXEC), said)
 
 
 def _sync_and_kexec(kernel: Kernel) -> None:

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 
 __all__ = [
+    "KEXEC_VIA",
     "NextKernel",
     "PhasePlan",
     "Playbook",
@@ -76,6 +77,8 @@ def _names(section: str) -> tuple[str, ...]:
 
 _TOP_KEYS: Final = _names("playbook")
 _NEXT_KERNEL_KEYS: Final = _names("next_kernel")
+#: The ways to start the next kernel (``next_kernel.via``).
+KEXEC_VIA: Final = ("syscall", "systemd")
 _DEFAULTS_KEYS: Final = _names("defaults")
 _RETRY_KEYS: Final = _names("retry")
 _PHASE_KEYS: Final = _names("phases.PHASE")
@@ -139,6 +142,9 @@ class NextKernel:
     image: Path
     initrd: Path | None
     cmdline: str | None
+    #: How the kexec is started: ``"syscall"`` (``reboot(KEXEC)``, the
+    #: fastest) or ``"systemd"`` (``systemctl kexec``: an orderly shutdown).
+    via: str = "syscall"
 
 
 @final
@@ -582,6 +588,7 @@ class _Parser:
         image: Path | None = None
         initrd: Path | None = None
         cmdline: str | None = None
+        via = "syscall"
         for key, _, value in self.items(node, "next_kernel", _NEXT_KERNEL_KEYS):
             if key == "image":
                 image = self.path_of(value, "next_kernel.image")
@@ -589,11 +596,19 @@ class _Parser:
                 continue
             elif key == "initrd":
                 initrd = self.path_of(value, "next_kernel.initrd")
+            elif key == "via":
+                via = self.string(value, "next_kernel.via")
+                if via not in KEXEC_VIA:
+                    self.fail(
+                        value,
+                        f"next_kernel.via: expected one of {', '.join(KEXEC_VIA)}, "
+                        f"got {via!r}",
+                    )
             else:
                 cmdline = self.string(value, "next_kernel.cmdline")
         if image is None:
             self.fail(key_node, "next_kernel: missing required key 'image'")
-        return NextKernel(image, initrd, cmdline)
+        return NextKernel(image, initrd, cmdline, via)
 
     def defaults(self, node: yaml.Node) -> tuple[float, dict[str, Any]]:
         timeout = _schema.DEFAULT_STEP_TIMEOUT

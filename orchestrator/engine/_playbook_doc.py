@@ -45,6 +45,7 @@ next_kernel:
   image: .state/example/vmlinuz-next
   initrd: null                      # null: the default (here: none)
   cmdline: "console=ttyS0 liveupdate=on"
+  via: syscall                      # or systemd: `systemctl kexec` (agent only)
 
 blackout_budget: 5s                 # freeze + kexec + restore
 

@@ -167,6 +167,15 @@ SECTIONS: Final[Mapping[str, tuple[Key, ...]]] = types.MappingProxyType(
                 "the kernel command line, used as is (nothing is appended)",
                 "the running kernel's",
             ),
+            Key(
+                "via",
+                "string",
+                "how the kexec starts: `syscall` (reboot(KEXEC) right after the "
+                "freeze, the fastest) or `systemd` (`systemctl kexec`, an orderly "
+                "shutdown; only through the agent, under systemd >= 261 with "
+                "FileDescriptorStorePreserve=yes)",
+                "syscall",
+            ),
         ),
         "defaults": (
             DEFAULT_TIMEOUT,

@@ -10,6 +10,7 @@ every fd back.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from orchestrator._compat import TYPE_CHECKING, Protocol
@@ -50,15 +51,49 @@ class Preserver(Protocol):
     def close_device(self) -> None: ...
 
 
+class SessionParking(Protocol):
+    """Where a service keeps copies of its session fds: the agent's fd store.
+
+    A session lives while some process holds its fd. Parked, it outlives the
+    process that made it: an agent restarted before the kexec, or stopped by
+    ``systemctl kexec``'s shutdown (which then preserves the store).
+    """
+
+    #: Session fds handed back at start (after a ``systemctl kexec``,
+    #: systemd retrieved them), by session name; for the resume to adopt.
+    stored: dict[str, int]
+
+    def park(self, name: str, fd: int) -> bool:
+        """Keep a copy of session *name*'s *fd*; False when it could not."""
+
+    def unpark(self, name: str) -> None:
+        """Drop the copy of session *name* (before it is closed to cancel)."""
+
+    def kexec_via_systemd_refusal(self) -> str | None:
+        """Why ``systemctl kexec`` would lose the parked sessions, or None."""
+
+
 class MergedPreserver:
-    """Sessions per owner; the device fd is held only while sessions are created."""
+    """Sessions per owner; the device fd is held only while sessions are created.
+
+    With *parking*, every session's fd is parked as soon as it is made; with
+    *must_park* as well, a session that cannot be parked fails its step.
+    """
 
     abi = "merged"
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        parking: SessionParking | None = None,
+        *,
+        must_park: bool = False,
+    ) -> None:
         self.kernel = kernel
         self.sessions: dict[str, Session] = {}
         self._dev: LiveUpdateDevice | None = None
+        self.parking = parking
+        self.must_park = must_park
 
     def preserve(
         self, owner: str, key: str, fd: int, group: str | None = None
@@ -70,6 +105,15 @@ class MergedPreserver:
                 self._dev = LiveUpdateDevice.open(self.kernel)
             session = self._dev.create_session(name)
             self.sessions[name] = session
+            parked = self.parking is not None and self.parking.park(
+                name, session.fileno()
+            )
+            if self.must_park and not parked:
+                raise OSError(
+                    errno.EIO,
+                    f"session {name} could not be parked in the fd store, and "
+                    "systemctl kexec would lose it",
+                )
         token = len(session.tokens) + 1
         session.preserve_fd(fd, token)
         return {"session": session.name, "token": token}
@@ -86,7 +130,9 @@ class MergedPreserver:
     def cancel(self) -> None:
         """Close every session: the kernel unpreserves all their files."""
         self.close_device()
-        for session in self.sessions.values():
+        for name, session in self.sessions.items():
+            if self.parking is not None:
+                self.parking.unpark(name)  # else the store's copy keeps it alive
             session.close()
         self.sessions.clear()
 
@@ -127,8 +173,12 @@ class RfcPreserver:
         """The RFC device stays open: the reboot syscall needs no fd, but FINISH does."""
 
 
-def open_preserver(kernel: Kernel) -> Preserver:
-    return RfcPreserver(kernel) if _abi_of(kernel) == "rfc" else MergedPreserver(kernel)
+def open_preserver(
+    kernel: Kernel, parking: SessionParking | None = None, *, must_park: bool = False
+) -> Preserver:
+    if _abi_of(kernel) == "rfc":
+        return RfcPreserver(kernel)
+    return MergedPreserver(kernel, parking, must_park=must_park)
 
 
 class Retriever(Protocol):
@@ -142,4 +192,7 @@ class Retriever(Protocol):
     missing: list[str]  # planned sessions the new kernel did not have
 
     def retrieve(self, entry: dict[str, Any]) -> OwnedFd: ...
+    def adopt(self, session: str, fd: int) -> None:
+        """Hold *session* (a missing one's fd, from elsewhere) with the rest."""
+
     def finish(self) -> None: ...

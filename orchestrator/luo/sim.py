@@ -307,9 +307,20 @@ class SimKernel:
         except OSError:
             raise _err(E.EBADF) from None
         for known, handle in self._handles.items():
-            other = os.fstat(known)
+            try:
+                other = os.fstat(known)
+            except OSError:
+                continue  # closed with os.close() (not ours to tell), or never here
             if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
                 return handle
+        # A retrieved session's fd that another process handed over (systemd
+        # hands the agent's back after ``systemctl kexec``): it is the same
+        # session here, as an fd is anywhere.
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.name == "lock" and path.parent.parent == (self.boot / "in").resolve():
+            name = bytes.fromhex(path.parent.name).decode()
+            handle = self._handles[fd] = _InSession(name, path.parent)
+            return handle
         raise _err(E.ENOTTY)  # not a liveupdate file
 
     def close(self, fd: int) -> None:

@@ -23,6 +23,8 @@ fields separated by tabs; every answer is one packet::
 
     hello               -> ok  PID  RUN  ABI  MISSING-SESSIONS (comma-separated)
     fd SESSION TOKEN    -> ok  (the fd attached)  |  err ERRNO REQUEST SUBJECT
+    adopt SESSION       (a session fd attached: one the kernel handed to
+                        another process, e.g. systemd) -> ok  |  err ...
     finish              -> ok  (then the keeper exits)  |  err ...
 """
 
@@ -101,6 +103,20 @@ class _Holdings:
                     # to take; the restore reports it when it needs the files.
                     self.missing.append(name)
 
+    def adopt(self, name: str, fd: int) -> None:
+        """Hold session *name* from *fd*: one the kernel had handed to another
+        process (systemd, after ``systemctl kexec``), passed on to the keeper."""
+        if name in self.sessions:
+            os.close(fd)  # held already: this copy is not needed
+            return
+        if self.abi != "merged" or name not in self.missing:
+            os.close(fd)
+            raise ValueError(f"{name} is not a missing session of run {self.run_id}")
+        from orchestrator.luo import Session
+
+        self.sessions[name] = Session(self.kernel, fd, name, incoming=True)
+        self.missing.remove(name)
+
     def fd(self, session: str, token: int) -> int:
         key = (session, token)
         held = self.files.get(key)
@@ -132,10 +148,18 @@ class _Holdings:
         self.files.clear()
 
 
-def _answer(h: _Holdings, fields: list[str]) -> tuple[str, list[int]]:
+def _answer(h: _Holdings, fields: list[str], fds: list[int]) -> tuple[str, list[int]]:
     from orchestrator.luo import KernelError
 
     verb = fields[0] if fields else ""
+    if verb == "adopt" and len(fields) == 2 and len(fds) == 1:
+        try:
+            h.adopt(fields[1], fds[0])
+        except ValueError as exc:
+            return f"err\t0\t{verb}\t{exc}", []
+        return "ok", []
+    for fd in fds:  # sent with a request that takes none
+        os.close(fd)
     try:
         if verb == "hello":
             return f"ok\t{os.getpid()}\t{h.run_id}\t{h.abi}\t{','.join(h.missing)}", []
@@ -168,14 +192,16 @@ def _serve(sock: socket.socket, h: _Holdings) -> None:
             conn = key.fileobj
             assert isinstance(conn, socket.socket)
             try:
-                raw = conn.recv(_MAX)
+                raw, got, _flags, _addr = socket.recv_fds(conn, _MAX, 1)
             except OSError:
-                raw = b""
+                raw, got = b"", []
             if not raw:
+                for fd in got:
+                    os.close(fd)
                 sel.unregister(conn)
                 conn.close()
                 continue
-            text, fds = _answer(h, raw.decode(errors="replace").split("\t"))
+            text, fds = _answer(h, raw.decode(errors="replace").split("\t"), got)
             finished = text == "ok" and raw == b"finish"
             if finished:
                 # Free the address before saying so: whoever comes next
@@ -400,11 +426,17 @@ class Keeper:
                 time.sleep(0.05)  # another one took the address: ask it
         raise KeeperError("the keeper did not start (its address stayed taken)")
 
-    def _call(self, *fields: str) -> tuple[list[str], list[int]]:
+    def _call(
+        self, *fields: str, fds: Sequence[int] = ()
+    ) -> tuple[list[str], list[int]]:
         crash_point("keeper")
         try:
             with self._lock:
-                self._sock.send("\t".join(fields).encode())
+                request = "\t".join(fields).encode()
+                if fds:
+                    socket.send_fds(self._sock, [request], list(fds))
+                else:
+                    self._sock.send(request)
                 crash_point("keeper-sent")  # asked, and gone before the answer
                 raw, fds, _flags, _addr = socket.recv_fds(self._sock, _MAX, 1)
         except OSError as exc:
@@ -431,6 +463,13 @@ class Keeper:
                 os.close(fd)
             raise KeeperError(f"the keeper sent {len(fds)} fds for one file")
         return OwnedFd(fds[0])
+
+    def adopt(self, session: str, fd: int) -> None:
+        """Have the keeper hold *session*, which it could not retrieve, from
+        *fd* (a duplicate is sent: *fd* stays the caller's)."""
+        self._call("adopt", session, fds=[fd])
+        if session in self.missing:
+            self.missing.remove(session)
 
     def finish(self) -> None:
         """FINISH every session: the keeper lets go of everything and exits."""

@@ -29,10 +29,13 @@ from orchestrator.agent._fdstore import (
     StoredFd,
     fd_store_support,
     notify,
+    own_unit,
     parse_systemd_version,
     registration_fdname,
     registration_name,
     remove_fd,
+    session_fdname,
+    session_name,
     store_fd,
 )
 from orchestrator.agent._server import Agent, run_agent
@@ -122,6 +125,28 @@ def test_registration_names_make_valid_fdnames(name: str) -> None:
     assert all(0x20 < ord(c) < 0x7F for c in fdname)
     assert ":" not in fdname
     assert registration_name(fdname) == name
+
+
+def test_session_fdnames_are_their_own_kind() -> None:
+    fdname = session_fdname("lu-qemu.vm:1")
+    assert ":" not in fdname
+    assert fdname.startswith("lus-")
+    assert session_name(fdname) == "lu-qemu.vm:1"
+    assert registration_name(fdname) is None
+    assert session_name(registration_fdname("lu-qemu.vm:1")) is None
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "unit"),
+    [
+        ("0::/system.slice/liveupdate-agent.service\n", "liveupdate-agent.service"),
+        ("0::/user.slice/user-0.slice/session-3.scope\n", None),
+        ("12:pids:/x\n0::/\n", None),
+        ("", None),
+    ],
+)
+def test_own_unit_is_read_from_the_cgroup(cgroup: str, unit: str | None) -> None:
+    assert own_unit(cgroup) == unit
 
 
 def test_foreign_fdnames_name_no_registration() -> None:
@@ -309,3 +334,18 @@ async def test_without_systemd_the_agent_serves_as_before(
         assert read_all(reclaimed) == b"plain"
         os.close(reclaimed)
     os.close(fd)
+
+
+async def test_a_stored_session_with_nothing_to_resume_is_released(
+    tmp_path: Path, systemd: socket.socket
+) -> None:
+    """A session fd left in the store (the update it served has ended) would
+    keep its files preserved for good: the agent drops it and closes it."""
+    held, _other_end = os.pipe()  # stands in for a LUO session fd
+    stored = (StoredFd(session_fdname("lu-agent"), held),)
+    async with started_agent(tmp_path, stored) as agent:
+        fields, _ = await anyio.to_thread.run_sync(receive, systemd)
+        assert fields == {"FDSTOREREMOVE": "1", "FDNAME": session_fdname("lu-agent")}
+        assert await call(agent, "list") == []  # not taken for a registration
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(held)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from orchestrator.errors import KeeperError
 from orchestrator.luo import SessionNotFoundError
 from orchestrator.luo.sim import SimKernel
 from orchestrator.restore._keeper import Keeper, address
@@ -141,3 +142,28 @@ def test_another_users_peer_gets_no_answer(kernel: SimKernel, tmp_path: Path) ->
     with keeper.retrieve({"session": "lu-test", "token": 1}) as fd:  # unharmed
         assert os.pread(fd.fileno(), 5, 0) == DATA[:5]
     keeper.finish()
+
+
+def test_a_session_another_process_retrieved_can_be_handed_to_the_keeper(
+    kernel: SimKernel, tmp_path: Path
+) -> None:
+    """After ``systemctl kexec`` systemd retrieves the agent's parked sessions
+    and hands them to the agent, which hands them to the keeper."""
+    from orchestrator.luo import LiveUpdateDevice
+
+    with LiveUpdateDevice.open(kernel) as dev:
+        taken = dev.retrieve_session("lu-test")  # as systemd would have
+    keeper = keeper_of(kernel, tmp_path / "state")
+    try:
+        assert keeper.missing == ["lu-test"]
+        keeper.adopt("lu-test", taken.fileno())
+        os.close(taken.fileno())  # as the agent does: the keeper has its own copy
+        assert keeper.missing == []
+        back = keeper.retrieve({"session": "lu-test", "token": 1})
+        assert os.pread(back.fileno(), len(DATA), 0) == DATA
+        back.close()
+        with pytest.raises(KeeperError, match="not a missing session"):
+            keeper.adopt("lu-other", os.open("/dev/null", os.O_RDONLY))
+        keeper.finish()
+    finally:
+        keeper.close()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
-KNOWN = frozenset({"workloads", "kexec", "qemu", "faults"})
+KNOWN = frozenset({"workloads", "kexec", "qemu", "faults", "systemd"})
 FUZZ = settings(
     max_examples=200,
     deadline=None,
@@ -98,17 +98,23 @@ def test_demo_playbook() -> None:
 def test_host_update_playbook() -> None:
     playbook = load_playbook(PLAYBOOKS / "host-update.yaml", KNOWN)
     assert playbook.kernel == "real"
-    assert playbook.blackout_budget == 2.0
+    assert playbook.blackout_budget == 20.0
     nk = playbook.next_kernel
     assert nk is not None
     assert nk.image == Path("/boot/vmlinuz-7.2.13-luo")
     assert nk.initrd == Path("/boot/initrd.img-7.2.13-luo")
     assert nk.cmdline is not None
     assert "liveupdate=on" in nk.cmdline
-    for phase in (Phase.QUIESCE, Phase.PRESERVE, Phase.FREEZE, Phase.RESTORE):
+    assert nk.via == "systemd"  # systemd keeps the host services' fd stores
+    for phase, plugins in (
+        (Phase.QUIESCE, ["qemu", "systemd"]),
+        (Phase.PRESERVE, ["qemu"]),
+        (Phase.FREEZE, ["qemu"]),
+        (Phase.RESTORE, ["qemu", "systemd"]),
+    ):
         plan = playbook.plan(phase)
         assert plan is not None
-        assert [s.plugin for s in plan.steps] == ["qemu", "workloads"]
+        assert [s.plugin for s in plan.steps] == plugins
     quiesce = playbook.plan(Phase.QUIESCE)
     assert quiesce is not None
     assert "vms" in quiesce.steps[0].options
@@ -275,7 +281,7 @@ ERRORS = [
         "name: t\nphases:\n  quiesce:\n    steps:\n      - plugin: workload\n",
         5,
         [
-            "unknown plugin 'workload' (known: faults, kexec, qemu, workloads)",
+            "unknown plugin 'workload' (known: faults, kexec, qemu, systemd, workloads)",
             "did you mean 'workloads'",
         ],
         id="unknown-plugin-with-suggestion",

@@ -702,7 +702,8 @@ def test_second_update_racing_past_preflight_is_refused_by_the_host_lock(
             "phases:\n"
             "  quiesce:\n"
             "    steps:\n"
-            "      - {plugin: faults, timeout: 60s, with: {hang: 15}}\n",
+            "      - {plugin: faults, timeout: 300s,"
+            " with: {hang: 240, until: /media/release-first}}\n",
         )
     )
     held = canary.disk / "held-liveupdate"
@@ -758,13 +759,20 @@ def test_second_update_racing_past_preflight_is_refused_by_the_host_lock(
             (canary.disk / "go").touch()
             out, err = second.communicate(timeout=240)
             assert agent.get("/v1/status").json()["agent"]["updating"] is True
+            (canary.disk / "release-first").touch()  # the first may go on now
         out1, err1 = first.communicate(timeout=240)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        for name in ("held-liveupdate", "second-planning", "go", "slow.yaml"):
+        for name in (
+            "held-liveupdate",
+            "second-planning",
+            "go",
+            "slow.yaml",
+            "release-first",
+        ):
             (canary.disk / name).unlink(missing_ok=True)
     refused = json.loads((workdir / "second.json").read_text())
     assert refused["failed"] is True, (refused, out, err)

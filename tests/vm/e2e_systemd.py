@@ -10,10 +10,13 @@ other jobs are done.
 
 Stage ``pre`` (:mod:`tests.vm.systemd_guest`) installs and enables the units
 by docs/deploy.md's steps, a workload hands a memfd to the agent, and
-``liveupdate run`` goes through the agent, which kexecs. Stage ``post`` runs
+``liveupdate run`` goes through the agent, which kexecs. Stage ``mid`` runs
 after systemd brought the new kernel up: the resume unit, then the agent, must
 have restored the update (one owner of the restore at boot: the agent), the
-workload reclaims its bytes, ``liveupdate status`` says completed.
+workload reclaims its bytes, ``liveupdate status`` says completed. Then a
+second update, with ``next_kernel.via: systemd`` (``systemctl kexec``), beside
+a service whose memfd systemd itself keeps (``FileDescriptorStorePreserve=yes``);
+stage ``post`` checks both came back.
 """
 
 from __future__ import annotations
@@ -81,7 +84,11 @@ def systemd_scenario(root: GuestRoot, mib: int = SYSTEMD_MIB) -> Scenario:
     return dataclasses.replace(
         Scenario(
             "systemd",
-            stages=(stage("pre", "--mib", str(mib)), stage("post")),
+            stages=(
+                stage("pre", "--mib", str(mib)),
+                stage("mid", "--mib", str(mib)),
+                stage("post"),
+            ),
             timeout=900.0,
             kernel_args=SYSTEMD_ARGS,
             disk_mib=1024,
@@ -103,24 +110,34 @@ def report(result: Result) -> list[str]:
             print(f"  {key:22} {pre.get(key)}")
         if not pre.get("ok"):
             failures.append("boot 1: the units were not installed and running")
-    section("systemd: boot 2 (systemd brings it back)")
-    post = result.read_json("systemd-post.json")
-    if post is None:
-        failures.append("no systemd-post.json: stage post did not report")
-    else:
-        for key in ("boot_state", "resume", "agent", "reclaimed"):
-            print(f"  {key:22} {post.get(key)}")
-        status = post.get("status")
+    for boot, stage, title in (
+        (2, "mid", "systemd brings it back; the second update, via systemctl kexec"),
+        (3, "post", "systemd brings both back: the agent's sessions and fdkeep's"),
+    ):
+        section(f"systemd: boot {boot} ({title})")
+        info = result.read_json(f"systemd-{stage}.json")
+        if info is None:
+            failures.append(f"no systemd-{stage}.json: stage {stage} did not report")
+            continue
+        for key in ("boot_state", "resume", "agent", "reclaimed", "fdkeep"):
+            print(f"  {key:22} {info.get(key)}")
+        for key in ("killed", "adopted", "kexec_via", "systemd_plugin", "blackouts"):
+            if key in info:
+                print(f"  {key:22} {info.get(key)}")
+        status = info.get("status")
         if isinstance(status, dict):
-            summary = {k: status.get(k) for k in ("state", "outcome", "blackout_s")}
+            summary = {
+                k: status.get(k)
+                for k in ("state", "outcome", "blackout_s", "blackout_wall_s")
+            }
             print(f"  {'status':22} {summary}")
-        checks = post.get("checks")
+        checks = info.get("checks")
         for name, ok in (checks or {}).items() if isinstance(checks, dict) else ():
             print(f"  {'ok  ' if ok else 'FAIL'} {name}")
             if not ok:
-                failures.append(f"boot 2: {name}")
-        if not post.get("ok") and not checks:
-            failures.append("boot 2: the update was not brought back")
+                failures.append(f"boot {boot}: {name}")
+        if not info.get("ok") and not checks:
+            failures.append(f"boot {boot}: the update was not brought back")
     numbers = liveupdate_numbers(result)
     if not numbers:
         failures.append("no 'liveupdate number: N' line in the new kernel's log")
