@@ -29,6 +29,7 @@ import binascii
 import logging
 import os
 import re
+import select
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -271,23 +272,58 @@ def own_unit(cgroup: str) -> str | None:
     return None
 
 
-def store_preserved_by_unit(unit: str) -> bool:
-    """Whether *unit* has ``FileDescriptorStorePreserve=yes``.
-
-    ``systemctl show`` of an older systemd without the property prints
-    nothing for it: not preserved.
-    """
+def unit_properties(unit: str, *names: str) -> dict[str, str]:
+    """``systemctl show --property=NAME ... UNIT`` as a dict; empty when
+    systemctl cannot be asked. A property this systemd does not know is
+    missing or empty."""
     try:
         done = subprocess.run(
-            ["systemctl", "show", "--property=FileDescriptorStorePreserve", unit],
+            ["systemctl", "show", *(f"--property={n}" for n in names), unit],
             capture_output=True,
             text=True,
             check=False,
             timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.stdout.strip() == "FileDescriptorStorePreserve=yes"
+        return {}
+    pairs = (line.partition("=") for line in done.stdout.splitlines())
+    return {key: value for key, sep, value in pairs if sep}
+
+
+def store_preserved_by_unit(unit: str) -> bool:
+    """Whether *unit* has ``FileDescriptorStorePreserve=yes``.
+
+    ``systemctl show`` of an older systemd without the property prints
+    nothing for it: not preserved.
+    """
+    props = unit_properties(unit, "FileDescriptorStorePreserve")
+    return props.get("FileDescriptorStorePreserve") == "yes"
+
+
+def notify_barrier(
+    *, timeout: float = 10.0, environ: MutableMapping[str, str] | None = None
+) -> bool:
+    """Wait until systemd has handled every notification this process sent
+    before (``sd_notify_barrier``): ``BARRIER=1`` carries a pipe's write end,
+    which systemd closes once it got that far.
+
+    :return: False without a notify socket, or if systemd did not answer in
+        *timeout* seconds.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        sent = notify("BARRIER=1", [w], environ=environ)
+        os.close(w)
+        w = -1
+        if not sent:
+            return False
+        poll = select.poll()
+        poll.register(r, select.POLLHUP)  # POLLHUP: the last write end closed
+        return bool(poll.poll(int(timeout * 1000)))
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
 
 
 def kexec_via_systemd_refusal(support: FdStoreSupport) -> str | None:
@@ -295,7 +331,11 @@ def kexec_via_systemd_refusal(support: FdStoreSupport) -> str | None:
 
     systemd stops the agent early in the shutdown. Its sessions live on only
     in its fd store, which must survive the kexec: systemd >= 261, and the
-    unit's ``FileDescriptorStorePreserve=yes``.
+    unit's ``FileDescriptorStorePreserve=yes``. And they must be in it: a
+    full store (``FileDescriptorStoreMax=``) drops what is sent to it with
+    no answer but a log line, so a store found full, once systemd has handled
+    everything this agent sent it, is refused too (asked again after the
+    sessions are parked).
     """
     if not support.preserved_across_kexec:
         return support.reason
@@ -305,6 +345,26 @@ def kexec_via_systemd_refusal(support: FdStoreSupport) -> str | None:
         unit = None
     if unit is None:
         return "the agent does not run as a systemd service"
-    if not store_preserved_by_unit(unit):
+    if not notify_barrier():
+        return "systemd did not confirm that it handled the fd store's updates"
+    props = unit_properties(
+        unit,
+        "FileDescriptorStorePreserve",
+        "NFileDescriptorStore",
+        "FileDescriptorStoreMax",
+    )
+    if props.get("FileDescriptorStorePreserve") != "yes":
         return f"{unit} does not set FileDescriptorStorePreserve=yes"
+    try:
+        held, room = (
+            int(props["NFileDescriptorStore"]),
+            int(props["FileDescriptorStoreMax"]),
+        )
+    except (KeyError, ValueError):
+        return f"systemctl show {unit} does not say how full its fd store is"
+    if held >= room:
+        return (
+            f"{unit}'s fd store is full ({held} of FileDescriptorStoreMax={room}), "
+            "and systemd drops what does not fit; raise FileDescriptorStoreMax"
+        )
     return None

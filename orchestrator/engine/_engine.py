@@ -452,18 +452,7 @@ class Engine:
         nk = self.playbook.next_kernel
         via = nk.via if nk is not None else "syscall"
         if via == "systemd":
-            why = (
-                "only the agent can (run it with `liveupdate run --agent`)"
-                if self.parking is None
-                else self.parking.kexec_via_systemd_refusal()
-            )
-            if why is not None:
-                raise PhaseError(
-                    Phase.KEXEC.value,
-                    "via systemd",
-                    f"systemctl kexec would lose the sessions: {why}; "
-                    "use next_kernel.via: syscall",
-                )
+            await self._check_via_systemd()
         run.preserver = await anyio.to_thread.run_sync(
             functools.partial(
                 open_preserver, self.kernel, self.parking, must_park=via == "systemd"
@@ -480,6 +469,8 @@ class Engine:
         await self._run_phase(run, Phase.PRESERVE, done)
         await self._run_phase(run, Phase.PREPARE, done)
         await anyio.to_thread.run_sync(run.preserver.prepare)
+        if via == "systemd":
+            await self._check_via_systemd()  # every session is parked by now
         plan = Plan(
             run.run_id,
             self.journal.boot_id,
@@ -512,6 +503,22 @@ class Engine:
             await anyio.to_thread.run_sync(_sync_and_kexec, self.kernel)
         except KexecError as exc:
             raise PhaseError(Phase.KEXEC.value, "reboot", str(exc)) from exc
+
+    async def _check_via_systemd(self) -> None:
+        """Refuse ``via: systemd`` unless systemd will keep the parked sessions."""
+        parking = self.parking
+        why = (
+            "only the agent can (run it with `liveupdate run --agent`)"
+            if parking is None
+            else await anyio.to_thread.run_sync(parking.kexec_via_systemd_refusal)
+        )
+        if why is not None:
+            raise PhaseError(
+                Phase.KEXEC.value,
+                "via systemd",
+                f"systemctl kexec would lose the sessions: {why}; "
+                "use next_kernel.via: syscall",
+            )
 
     def _restore_actions(self, run: RunContext) -> list[str]:
         """The restore steps resolved now, for the restore path to run first.

@@ -70,7 +70,11 @@ class SessionParking(Protocol):
         """Drop the copy of session *name* (before it is closed to cancel)."""
 
     def kexec_via_systemd_refusal(self) -> str | None:
-        """Why ``systemctl kexec`` would lose the parked sessions, or None."""
+        """Why ``systemctl kexec`` would lose the parked sessions, or None.
+
+        Asked (blocking) before the update touches anything, and again once
+        every session is parked, before the freeze.
+        """
 
 
 class MergedPreserver:

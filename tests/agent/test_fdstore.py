@@ -28,7 +28,9 @@ from orchestrator.agent._fdstore import (
     FD_STORE_PRESERVE_SINCE,
     StoredFd,
     fd_store_support,
+    kexec_via_systemd_refusal,
     notify,
+    notify_barrier,
     own_unit,
     parse_systemd_version,
     registration_fdname,
@@ -225,6 +227,110 @@ def test_old_systemd_reports_preservation_unavailable() -> None:
     outside = fd_store_support(262, environ={})
     assert not outside.store
     assert not outside.preserved_across_kexec
+
+
+@asynccontextmanager
+async def answering_barriers(address: str) -> AsyncIterator[list[dict[str, str]]]:
+    """systemd's end of ``$NOTIFY_SOCKET``, served while the block runs: like
+    systemd, it closes a ``BARRIER=1`` message's fd once it has read that far.
+    Yields every message it read."""
+    seen: list[dict[str, str]] = []
+    with notify_socket(address) as sock:
+        sock.setblocking(False)
+
+        async def serve() -> None:
+            while True:
+                await anyio.wait_readable(sock)
+                fields, fds = receive(sock)
+                seen.append(fields)
+                for fd in fds:
+                    os.close(fd)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            yield seen
+            tg.cancel_scope.cancel()
+
+
+async def test_a_barrier_returns_once_systemd_has_read_up_to_it(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "notify")
+    env = {"NOTIFY_SOCKET": path}
+    async with answering_barriers(path) as seen:
+        assert remove_fd("reg-x", environ=env)
+        assert await anyio.to_thread.run_sync(
+            lambda: notify_barrier(timeout=30, environ=env)
+        )
+    assert seen == [{"FDSTOREREMOVE": "1", "FDNAME": "reg-x"}, {"BARRIER": "1"}]
+    with notify_socket(str(tmp_path / "deaf")):  # bound, never read
+        assert not notify_barrier(
+            timeout=0.2, environ={"NOTIFY_SOCKET": str(tmp_path / "deaf")}
+        )
+    assert not notify_barrier(environ={})
+
+
+FAKE_SHOW = """#!/bin/sh
+# systemctl show --property=... UNIT, as this test's unit has them
+echo "$@" >> {calls}
+cat {props}
+"""
+
+
+@pytest.mark.parametrize(
+    ("props", "why"),
+    [
+        pytest.param(
+            "FileDescriptorStorePreserve=yes\nNFileDescriptorStore=3\n"
+            "FileDescriptorStoreMax=4\n",
+            None,
+            id="room-left",
+        ),
+        pytest.param(
+            "FileDescriptorStorePreserve=yes\nNFileDescriptorStore=4\n"
+            "FileDescriptorStoreMax=4\n",
+            "liveupdate-agent.service's fd store is full (4 of "
+            "FileDescriptorStoreMax=4), and systemd drops what does not fit; "
+            "raise FileDescriptorStoreMax",
+            id="full",
+        ),
+        pytest.param(
+            "FileDescriptorStorePreserve=no\nNFileDescriptorStore=0\n"
+            "FileDescriptorStoreMax=4\n",
+            "liveupdate-agent.service does not set FileDescriptorStorePreserve=yes",
+            id="not-preserved",
+        ),
+        pytest.param(
+            "FileDescriptorStorePreserve=yes\n",
+            "systemctl show liveupdate-agent.service does not say how full its "
+            "fd store is",
+            id="silent",
+        ),
+    ],
+)
+async def test_systemctl_kexec_is_refused_unless_the_store_keeps_every_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, props: str, why: str | None
+) -> None:
+    """A full store drops a parked session with no answer but a log line:
+    the agent asks systemd to catch up (a barrier), then how full it is."""
+    from orchestrator.agent import _fdstore
+
+    (tmp_path / "props").write_text(props)
+    script = tmp_path / "systemctl"
+    script.write_text(
+        FAKE_SHOW.format(calls=tmp_path / "calls", props=tmp_path / "props")
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(_fdstore, "own_unit", lambda _: "liveupdate-agent.service")
+    path = str(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    support = fd_store_support(262)
+    async with answering_barriers(path) as seen:
+        said = await anyio.to_thread.run_sync(kexec_via_systemd_refusal, support)
+    assert said == why
+    assert seen == [{"BARRIER": "1"}]
+    assert (tmp_path / "calls").read_text().split()[-1] == "liveupdate-agent.service"
 
 
 # --------------------------------------------------------------------------- agent

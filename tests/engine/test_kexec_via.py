@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 class Parking:
     """Records what the engine parks; holds a duplicate, as a store would."""
 
-    def __init__(self, refusal: str | None = None) -> None:
+    def __init__(self, refusal: str | None = None, *, refuse_at: int = 1) -> None:
         self.stored: dict[str, int] = {}
+        self.asked: list[list[str]] = []  # what was parked at each check
+        self.refuse_at = refuse_at  # the check that says *refusal*
         self.parked: dict[str, int] = {}
         self.unparked: list[str] = []
         self.refusal = refusal
@@ -53,7 +55,8 @@ class Parking:
         os.close(self.parked.pop(name))
 
     def kexec_via_systemd_refusal(self) -> str | None:
-        return self.refusal
+        self.asked.append(sorted(self.parked))
+        return self.refusal if len(self.asked) >= self.refuse_at else None
 
 
 def via_systemd(host: Host) -> Path:
@@ -149,6 +152,28 @@ async def test_the_sessions_are_parked_then_the_kexec_is_systemds(
     assert not [r for r in records if r["event"] == "run_end"]  # not cancelled
     assert set(parking.parked) == {"lu-workloads"}  # every session, at its creation
     assert parking.unparked == []
+
+
+async def test_a_store_found_full_once_the_sessions_are_parked_cancels(
+    host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd drops what a full store cannot take, saying nothing to the
+    sender: the store is checked again with every session parked, before
+    the blackout, and a refusal then cancels as any failure would."""
+    monkeypatch.setattr(_engine, "SYSTEMCTL_KEXEC", systemctl(tmp_path, 0))
+    parking = Parking(
+        "the fd store is full (4 of FileDescriptorStoreMax=4)", refuse_at=2
+    )
+    outcome, handed_off = await _run(host, via_systemd(host), parking)
+    assert (outcome.value, handed_off) == ("cancelled", False)
+    assert parking.asked == [[], ["lu-workloads"]]
+    assert not (tmp_path / "calls").exists()  # systemctl kexec never asked
+    records = read_journal(host.state)
+    assert "(4 of FileDescriptorStoreMax=4)" in records[-1]["error"]
+    assert not [r for r in records if r["event"] in ("blackout_start", "kexec")]
+    assert parking.unparked == ["lu-workloads"]
+    assert parking.parked == {}
+    host.assert_workloads_intact()
 
 
 async def test_systemctl_refusing_cancels_and_unparks(
