@@ -25,7 +25,7 @@ agent across a real kexec, restored by the agent at boot; then a second one
 through ``systemctl kexec`` beside a service whose memfd systemd itself keeps
 (in the default set). Scenario ``fleet`` (:mod:`tests.vm.e2e_fleet`): three
 VMs, each reached over SSH through QEMU's user network, live-updated by the
-Ansible role in waves [1, 2] behind a Prometheus gate (opt-in).
+Ansible role in waves [1, 2] behind a Prometheus gate (in the default set).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
@@ -338,7 +338,7 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "fleet": run_fleet,
 }
 #: Run only when named (``--only NAME``), never by default.
-OPT_IN = frozenset({"qemu", "fleet"})
+OPT_IN = frozenset({"qemu"})
 
 
 def precompile() -> None:

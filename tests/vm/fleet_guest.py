@@ -14,10 +14,10 @@ its SHA-256, the boot id, the release and the liveupdate number. Then it waits:
 Ansible's rollout (over SSH) makes the agent kexec the host into ``post``.
 
 ``post`` (boot 2, the target kernel): the host comes up again (the resume
-before the agent), and the stage waits until the host side, its rollout done,
-writes ``finish`` to the out share; then reclaims the workload's memfd from
-the agent and writes its SHA-256, the boot id, the release, the liveupdate
-number and ``liveupdate status`` to ``fleet-post.json``.
+before the agent) and reads its boot id, release, liveupdate number and
+``liveupdate status``; then it waits until the host side, its rollout done,
+writes ``finish`` to the out share, reclaims the workload's memfd from the
+agent and writes all of it, with the memfd's SHA-256, to ``fleet-post.json``.
 
 Run as ``python -m tests.vm.fleet_guest pre|post [--mib N]``.
 """
@@ -225,13 +225,16 @@ def stage_post() -> int:
     try:
         boot_services()
         mark("fleet.up")
-        wait_for("the host side's finish", (OUT / "finish").exists, WAIT_S)
+        # What the host says of itself is read now, while the rollout goes
+        # on (the agent answers once it has resumed its update, and nothing
+        # touches this host again); only the memfd waits for the end.
         info.update(host_facts())
         status = run(
             [str(BIN / "liveupdate"), "status", "--json", "--state-dir", str(STATE)]
         )
         with contextlib.suppress(ValueError):
             info["status"] = json.loads(status.stdout)
+        wait_for("the host side's finish", (OUT / "finish").exists, WAIT_S)
         with AgentClient(timeout=60) as agent:
             fd = agent.reclaim(WORKLOAD)
         try:
