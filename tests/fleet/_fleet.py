@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.agent_client import AgentClient
 from orchestrator.luo.sim import SimKernel
+from tests.metrics._servers import free_port, running
 
 from ._host import METRICS_PORT
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from tests.metrics._servers import Server
 
 REPO = Path(__file__).resolve().parents[2]
 COLLECTIONS = REPO / "deploy" / "ansible"
@@ -299,23 +302,7 @@ class Fleet:
             }
             for h in self.hosts
         }
-        common = {
-            "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(self.key),
-            "ansible_python_interpreter": sys.executable,
-            # One SSH connection per host, kept between tasks; live_update
-            # resets it after the kexec, as ansible.builtin.reboot does.
-            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-            "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto "
-            f"-o ControlPersist=60s -o ControlPath={self.root}/cp-%C "
-            "-o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=3",
-            "liveupdate_command": str(Path(sys.executable).parent / "liveupdate"),
-            **group_vars,
-        }
-        path.write_text(
-            json.dumps({"fleet": {"hosts": hosts, "vars": common}}, indent=1)
-        )
-        return path
+        return write_inventory(path, hosts, self.key, self.root, **group_vars)
 
     def playbook(
         self, path: Path, inventory: Path, *extra: str, check: bool = False
@@ -343,30 +330,123 @@ class Fleet:
     def _ansible_playbook(
         self, path: Path, inventory: Path, *extra: str, check: bool = False
     ) -> tuple[list[str], dict[str, str]]:
-        env = dict(
-            os.environ,
-            ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS),
-            ANSIBLE_HOST_KEY_CHECKING="False",
-            ANSIBLE_LOCAL_TEMP=str(self.root / "ansible-tmp"),
-            ANSIBLE_REMOTE_TEMP="/run/ansible-tmp",
-            ANSIBLE_NOCOLOR="1",
-            ANSIBLE_PIPELINING="True",
-            ANSIBLE_FORKS="8",
-            ANSIBLE_STDOUT_CALLBACK="default",
-            ANSIBLE_RETRY_FILES_ENABLED="False",
-            ANSIBLE_TIMEOUT="5",
-            HOME=str(self.root),
+        return ansible_playbook_command(self.root, path, inventory, *extra, check=check)
+
+
+def write_inventory(
+    path: Path,
+    hosts: dict[str, dict[str, Any]],
+    key: Path,
+    control_dir: Path,
+    *,
+    connect_timeout: int = 5,
+    alive_interval: int = 2,
+    **group_vars: Any,
+) -> Path:
+    """Write a JSON inventory of *hosts* (name: their variables), group ``fleet``,
+    reached as root with *key*, by this venv's Python and ``liveupdate``.
+
+    SSH gives up on a host that does not answer within *connect_timeout*
+    seconds, or that misses three keep-alives *alive_interval* seconds apart.
+    """
+    common = {
+        "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(key),
+        "ansible_python_interpreter": sys.executable,
+        # One SSH connection per host, kept between tasks; live_update
+        # resets it after the kexec, as ansible.builtin.reboot does.
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+        "-o UserKnownHostsFile=/dev/null -o ControlMaster=auto "
+        f"-o ControlPersist=60s -o ControlPath={control_dir}/cp-%C "
+        f"-o ConnectTimeout={connect_timeout} -o ServerAliveInterval={alive_interval} "
+        "-o ServerAliveCountMax=3",
+        "liveupdate_command": str(Path(sys.executable).parent / "liveupdate"),
+        **group_vars,
+    }
+    path.write_text(json.dumps({"fleet": {"hosts": hosts, "vars": common}}, indent=1))
+    return path
+
+
+def ansible_playbook_command(
+    root: Path, path: Path, inventory: Path, *extra: str, check: bool = False
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of ``ansible-playbook`` (this venv's) with the
+    collection of this checkout; *root* holds its home and local temp."""
+    env = dict(
+        os.environ,
+        ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS),
+        ANSIBLE_HOST_KEY_CHECKING="False",
+        ANSIBLE_LOCAL_TEMP=str(root / "ansible-tmp"),
+        ANSIBLE_REMOTE_TEMP="/run/ansible-tmp",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_PIPELINING="True",
+        ANSIBLE_FORKS="8",
+        ANSIBLE_STDOUT_CALLBACK="default",
+        ANSIBLE_RETRY_FILES_ENABLED="False",
+        ANSIBLE_TIMEOUT="5",
+        HOME=str(root),
+    )
+    argv = [
+        str(Path(sys.executable).parent / "ansible-playbook"),
+        "-i",
+        str(inventory),
+        str(path),
+        *extra,
+    ]
+    if check:
+        argv.append("--check")
+    return argv, env
+
+
+def prometheus_config(
+    targets: list[str], *, gateway: str | None = None, interval: str = "1s"
+) -> str:
+    """prometheus.yml scraping each of *targets* (HOST:PORT) as job
+    ``liveupdate``, and the Pushgateway at *gateway* (HOST:PORT) if any."""
+    quoted = ", ".join(f'"{t}"' for t in targets)
+    text = (
+        f"global: {{scrape_interval: {interval}, evaluation_interval: {interval}}}\n"
+        "scrape_configs:\n"
+        "  - job_name: liveupdate\n"
+        f"    static_configs: [{{targets: [{quoted}]}}]\n"
+    )
+    if gateway is not None:
+        text += (
+            "  - job_name: pushgateway\n"
+            "    honor_labels: true\n"
+            f'    static_configs: [{{targets: ["{gateway}"]}}]\n'
         )
-        argv = [
-            str(Path(sys.executable).parent / "ansible-playbook"),
-            "-i",
-            str(inventory),
-            str(path),
-            *extra,
-        ]
-        if check:
-            argv.append("--check")
-        return argv, env
+    return text
+
+
+@contextlib.contextmanager
+def running_prometheus(
+    binary: str,
+    root: Path,
+    targets: list[str],
+    *,
+    gateway: str | None = None,
+    interval: str = "1s",
+) -> Iterator[Server]:
+    """A real Prometheus on a free loopback port, scraping *targets*; its
+    configuration, data and log in *root*."""
+    (root / "prometheus.yml").write_text(
+        prometheus_config(targets, gateway=gateway, interval=interval)
+    )
+    port = free_port()
+    with running(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        f"http://127.0.0.1:{port}",
+        "/-/ready",
+        root / "prometheus.log",
+    ) as server:
+        yield server
 
 
 @contextlib.contextmanager

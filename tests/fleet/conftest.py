@@ -10,7 +10,7 @@ import pytest
 
 from tests.metrics._servers import free_port, need, running
 
-from ._fleet import Fleet, running_fleet
+from ._fleet import Fleet, running_fleet, running_prometheus
 from ._host import METRICS_PORT
 
 if TYPE_CHECKING:
@@ -67,29 +67,11 @@ def prometheus(
     """Scrapes every host's metrics endpoint, and the Pushgateway."""
     binary = need("prometheus")
     root = tmp_path_factory.mktemp("prometheus")
-    targets = ", ".join(f'"{h.address}:{METRICS_PORT}"' for h in fleet.hosts)
-    gateway = pushgateway.url.removeprefix("http://")
-    (root / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: liveupdate\n"
-        f"    static_configs: [{{targets: [{targets}]}}]\n"
-        "  - job_name: pushgateway\n"
-        "    honor_labels: true\n"
-        f'    static_configs: [{{targets: ["{gateway}"]}}]\n'
-    )
-    port = free_port()
-    with running(
-        "prometheus",
-        [
-            binary,
-            f"--config.file={root / 'prometheus.yml'}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        f"http://127.0.0.1:{port}",
-        "/-/ready",
-        root / "prometheus.log",
+    with running_prometheus(
+        binary,
+        root,
+        [f"{h.address}:{METRICS_PORT}" for h in fleet.hosts],
+        gateway=pushgateway.url.removeprefix("http://"),
     ) as server:
         yield server
 

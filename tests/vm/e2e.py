@@ -23,7 +23,9 @@ the plugin use ``cpr-reboot`` (in the default set). Scenario ``systemd``
 project's units installed by docs/deploy.md's steps, an update through the
 agent across a real kexec, restored by the agent at boot; then a second one
 through ``systemctl kexec`` beside a service whose memfd systemd itself keeps
-(in the default set).
+(in the default set). Scenario ``fleet`` (:mod:`tests.vm.e2e_fleet`): three
+VMs, each reached over SSH through QEMU's user network, live-updated by the
+Ansible role in waves [1, 2] behind a Prometheus gate (in the default set).
 
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 from tests.vm.e2e_blackout import run_blackout
 from tests.vm.e2e_contract import run_contract
 from tests.vm.e2e_engine import run_cancel, run_engine
+from tests.vm.e2e_fleet import FLEET_MIB, run_fleet
 from tests.vm.e2e_qemu import run_qemu, run_qemu_sid
 from tests.vm.e2e_sid import run_sid
 from tests.vm.e2e_systemd import run_systemd
@@ -332,6 +335,7 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
     "sid": run_sid,
     "qemu-sid": run_qemu_sid,
     "systemd": run_systemd,
+    "fleet": run_fleet,
 }
 #: Run only when named (``--only NAME``), never by default.
 OPT_IN = frozenset({"qemu"})
@@ -394,6 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=32,
         metavar="M",
         help="blackout: MiB of each of the --engine-workloads stores (default 32)",
+    )
+    p.add_argument(
+        "--fleet-mib",
+        type=int,
+        default=FLEET_MIB,
+        metavar="M",
+        help=f"fleet: MiB of each VM's workload memfd (default {FLEET_MIB})",
     )
     p.add_argument(
         "--timeout",

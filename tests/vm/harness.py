@@ -132,6 +132,11 @@ class Scenario:
     #: for the run, 0 for none: a writable place that survives the kexecs of
     #: the chain (e.g. the upper layer of the sid root's overlay).
     disk_mib: int = 0
+    #: TCP ports of the guest forwarded from the host's loopback, as
+    #: (host port, guest port): empty = no NIC at all. With any, the guest
+    #: gets a virtio-net NIC on QEMU's user network (guest 10.0.2.15, host
+    #: 10.0.2.2), restricted: the guest reaches nothing outside it.
+    forwards: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def pre_post(
@@ -407,6 +412,26 @@ def kernel_cmdline(scenario: Scenario, stage: str) -> str:
     return line
 
 
+def nic_args(forwards: Sequence[tuple[int, int]]) -> list[str]:
+    """QEMU's NIC arguments: none, or user networking with *forwards*.
+
+    Each forward listens on the host's loopback only; ``restrict=on`` keeps
+    the guest from opening connections of its own (to the host or beyond):
+    it only answers the forwarded ones.
+    """
+    if not forwards:
+        return ["-nic", "none"]
+    rules = ",".join(
+        f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in forwards
+    )
+    return [
+        "-netdev",
+        f"user,id=net0,restrict=on,{rules}",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]
+
+
 def qemu_argv(
     scenario: Scenario, kernel: Kernel, out_dir: Path, accel: str
 ) -> list[str]:
@@ -418,8 +443,7 @@ def qemu_argv(
         "-no-reboot",
         "-vga",
         "none",
-        "-nic",
-        "none",
+        *nic_args(scenario.forwards),
         "-m",
         scenario.memory,
         "-smp",

@@ -86,3 +86,18 @@ def test_serial_reader_stamps_lines() -> None:
         ]
     assert [ln.text for ln in lines] == ["a", "b"]
     assert lines[1].t - lines[0].t >= 0.25
+
+
+def test_no_forwards_means_no_nic() -> None:
+    assert harness.nic_args(()) == ["-nic", "none"]
+
+
+def test_forwards_listen_on_loopback_only_and_the_guest_is_restricted() -> None:
+    argv = harness.nic_args(((2222, 22), (9999, 9731)))
+    assert argv == [
+        "-netdev",
+        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,"
+        "hostfwd=tcp:127.0.0.1:9999-:9731",
+        "-device",
+        "virtio-net-pci,netdev=net0",
+    ]

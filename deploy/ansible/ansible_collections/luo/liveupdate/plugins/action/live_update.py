@@ -164,8 +164,7 @@ class ActionModule(ActionBase):
         if run["rc"] not in (0, 255):
             return self._refused(result, run, params, task_vars)
         after = self._wait_for_boot(before, params, task_vars)
-        self._wait_for_resume(after, params, task_vars)
-        final = self._facts(task_vars, params)
+        final = self._wait_for_resume(after, params, task_vars)
         last = final["last_update"]
         result.update(
             changed=True,
@@ -258,6 +257,8 @@ class ActionModule(ActionBase):
         )
 
     def _wait_for_resume(self, facts, params, task_vars):
+        """The host's facts once its resume has ended (these are the task's
+        result: no further round trip to the host)."""
         end = time.monotonic() + params["resume_timeout"]
         while True:
             last = facts["last_update"]
@@ -266,7 +267,7 @@ class ActionModule(ActionBase):
                 and last["outcome"] is not None
                 and not facts["agent_updating"]
             ):
-                return
+                return facts
             if time.monotonic() >= end:
                 raise AnsibleError(
                     f"the resume did not end within resume_timeout "
