@@ -27,6 +27,10 @@ through ``systemctl kexec`` beside a service whose memfd systemd itself keeps
 VMs, each reached over SSH through QEMU's user network, live-updated by the
 Ansible role in waves [1, 2] behind a Prometheus gate (in the default set).
 
+With ``-j N`` (default 2), the scenarios but :data:`EXCLUSIVE` run first in
+N lanes at once, each a child ``python -m tests.vm.e2e --only ...``; then the
+exclusive ones, alone.
+
 To add a scenario: write ``def run_<name>(kernel, args) -> list[str]`` (returns
 failure messages; build a :class:`~tests.vm.harness.Scenario`, call
 :func:`~tests.vm.harness.run_scenario`, inspect the :class:`~tests.vm.harness.Result`)
@@ -37,9 +41,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tests.vm.e2e_blackout import run_blackout
@@ -339,6 +347,118 @@ SCENARIOS: dict[str, Callable[[Kernel, argparse.Namespace], list[str]]] = {
 }
 #: Run only when named (``--only NAME``), never by default.
 OPT_IN = frozenset({"qemu"})
+#: Never beside another VM: ``blackout`` measures speed (its rounds compare
+#: the floor and the orchestrator), ``fleet`` boots three VMs itself.
+EXCLUSIVE = frozenset({"blackout", "fleet"})
+#: Run in one process: ``engine`` compares itself with ``floor``'s figures;
+#: the scenarios on the sid root share its build and its bytecode.
+TOGETHER = (("floor", "engine"), ("sid", "qemu-sid", "systemd", "qemu"))
+#: Seconds each takes alone under TCG (docs/vm-harness.md), to balance lanes.
+ESTIMATE = {
+    "floor": 45,
+    "engine": 330,
+    "contract": 130,
+    "cancel": 60,
+    "sid": 100,
+    "qemu-sid": 90,
+    "systemd": 345,
+    "qemu": 120,
+}
+
+
+def _lanes(names: Sequence[str], jobs: int) -> list[list[str]]:
+    """*names* in at most *jobs* lanes of about equal length (the longest
+    units first, each to the shortest lane), each lane in suite order."""
+    units: list[list[str]] = []
+    for name in names:
+        group = next((g for g in TOGETHER if name in g), (name,))
+        unit = next((u for u in units if u[0] in group), None)
+        if unit is None:
+            units.append([name])
+        else:
+            unit.append(name)
+    lanes: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(units))))]
+    for unit in sorted(units, key=lambda u: -sum(ESTIMATE.get(n, 120) for n in u)):
+        min(lanes, key=lambda ln: sum(ESTIMATE.get(n, 120) for n in ln)).extend(unit)
+    order = list(SCENARIOS)
+    return [sorted(ln, key=order.index) for ln in lanes if ln]
+
+
+def _run_lanes(
+    lanes: list[list[str]],
+    args: argparse.Namespace,
+    failed: dict[str, list[str]],
+    took: dict[str, float],
+) -> None:
+    """Run each lane as ``python -m tests.vm.e2e --only ...`` at once, its
+    output to a log (printed whole when the lane ends)."""
+    import tempfile
+
+    from tests.vm.harness import DEFAULT_OUT_BASE
+
+    base = Path(os.environ.get("LUO_VM_OUT_BASE", str(DEFAULT_OUT_BASE)))
+    base.mkdir(parents=True, exist_ok=True)
+    forward = [
+        *("--mib", str(args.mib), "--engine-workloads", str(args.engine_workloads)),
+        *("--blackout-rounds", str(args.blackout_rounds)),
+        *("--blackout-mib", str(args.blackout_mib), "--fleet-mib", str(args.fleet_mib)),
+        *("--timeout", str(args.timeout), "--jobs", "1"),
+        *(("--accel", args.accel) if args.accel else ()),
+        *(x for arg in args.kernel_arg for x in ("--kernel-arg", arg)),
+        *(("--quiet",) if args.quiet else ()),
+    ]
+    running = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i, lane in enumerate(lanes, 1):
+        log = base / f"e2e-lane{i}-{stamp}.log"
+        fd, spot = tempfile.mkstemp(prefix=f"e2e-lane{i}-", suffix=".json", dir=base)
+        os.close(fd)
+        argv = [sys.executable, "-m", "tests.vm.e2e", *forward, "--result-json", spot]
+        argv += [x for scenario in lane for x in ("--only", scenario)]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        print(
+            f"lane {i}: {', '.join(lane)} (pid {proc.pid}; output: {log})", flush=True
+        )
+        running.append((i, lane, proc, log, Path(spot), time.monotonic()))
+    try:
+        for lane_run in running:
+            _report_lane(*lane_run, failed, took)
+    finally:  # interrupted: no lane goes on alone
+        for _, _, proc, *_ in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+
+
+def _report_lane(
+    i: int,
+    lane: list[str],
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    result: Path,
+    t1: float,
+    failed: dict[str, list[str]],
+    took: dict[str, float],
+) -> None:
+    """Wait for lane *i*, print its output and take its results."""
+    code = proc.wait()
+    section(f"lane {i}: {', '.join(lane)} (exit {code}, {time.monotonic() - t1:.0f} s)")
+    sys.stdout.write(log.read_text(errors="replace"))
+    sys.stdout.flush()
+    try:
+        done = json.loads(result.read_text() or "{}")
+    except ValueError:
+        done = {}
+    result.unlink(missing_ok=True)
+    for name in lane:
+        if name in done:
+            took[name] = float(done[name]["took"])
+            if done[name]["errors"]:
+                failed[name] = list(done[name]["errors"])
+        else:
+            took[name] = time.monotonic() - t1
+            failed[name] = [f"lane {i} exited {code} before it ran (see {log})"]
 
 
 def precompile() -> None:
@@ -422,6 +542,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--refresh-kernel", action="store_true", help="check sid")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo serial")
+    p.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        metavar="N",
+        help="run the scenarios that share the machine well in N VMs at once "
+        f"(each lane's output is printed when it ends); {sorted(EXCLUSIVE)} "
+        "always run alone, after them; default: %(default)s",
+    )
+    p.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     wanted = [*args.scenarios, *args.only]
     unknown = [s for s in wanted if s not in SCENARIOS]
@@ -451,7 +582,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     precompile()
     failed: dict[str, list[str]] = {}
     took: dict[str, float] = {}
+    if args.result_json is None and args.jobs > 1:
+        shared = [s for s in selected if s not in EXCLUSIVE]
+        _run_lanes(_lanes(shared, args.jobs), args, failed, took)
+        selected = shared + [s for s in selected if s in EXCLUSIVE]
     for name in selected:
+        if name in took:
+            continue
         section(f"scenario {name}")
         t1 = time.monotonic()
         try:
@@ -465,6 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if errs:
             failed[name] = errs
 
+    if args.result_json is not None:  # a lane of a parallel run: its parent reports
+        args.result_json.write_text(
+            json.dumps(
+                {n: {"errors": failed.get(n, []), "took": took[n]} for n in took}
+            )
+        )
     section("result")
     print(f"{'scenario':10} {'result':6} {'time':>8}")
     for name in selected:

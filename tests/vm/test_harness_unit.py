@@ -101,3 +101,20 @@ def test_forwards_listen_on_loopback_only_and_the_guest_is_restricted() -> None:
         "-device",
         "virtio-net-pci,netdev=net0",
     ]
+
+
+def test_lanes_keep_groups_together_and_balance() -> None:
+    from tests.vm.e2e import EXCLUSIVE, OPT_IN, SCENARIOS, _lanes
+
+    default = [s for s in SCENARIOS if s not in OPT_IN | EXCLUSIVE]
+    lanes = _lanes(default, 2)
+    assert sorted(s for lane in lanes for s in lane) == sorted(default)
+    where = {s: i for i, lane in enumerate(lanes) for s in lane}
+    # engine reads floor's figures; the sid root's scenarios share its bytecode
+    assert where["floor"] == where["engine"]
+    assert where["sid"] == where["qemu-sid"] == where["systemd"]
+    assert len(lanes) == 2
+    for lane in lanes:  # each lane keeps the suite's order
+        assert lane == sorted(lane, key=list(SCENARIOS).index)
+    assert _lanes(default, 1) == [default]
+    assert _lanes(["cancel"], 4) == [["cancel"]]
