@@ -159,6 +159,7 @@ def floor_post(k: int) -> None:
         time.sleep(0.005)
     end = _clocks()
     floor.session_finish(session)
+    os.close(session)  # the name is free again for this boot's floor-pre
     old_s = pre["kexec"]["mono"] - pre["start"]["mono"]
     result: dict[str, Any] = {
         "round": k,

@@ -3,7 +3,8 @@
 One VM boots 2 x ROUNDS + 1 kernels (:mod:`tests.vm.blackout_guest`): the
 floor client and ``liveupdate run``/``resume`` take turns updating the same
 demo stores, ROUNDS times each, so that every comparison has the same kernel,
-the same workloads and the same host load. The blackout of each side is read
+the same workloads and the same host load; the floor goes first in odd
+rounds, the orchestrator in even ones (:func:`turns`). The blackout of each side is read
 on the same clocks (old kernel's monotonic + new kernel's boot time); the
 table gives each round, the median and the spread.
 
@@ -38,26 +39,43 @@ SERIAL_RATE = 0.02
 host's (measured: the table prints the difference of each round)."""
 
 
+def turns(rounds: int) -> list[tuple[str, int]]:
+    """Who updates at each kexec: ``("floor", k)`` or ``("orch", k)``.
+
+    Round k's two sides go in turns, first the floor in odd rounds and the
+    orchestrator in even ones (F O O F F O ...): neither side always has the
+    boot right after the other's.
+    """
+    order: list[tuple[str, int]] = []
+    for k in range(1, rounds + 1):
+        pair = [("floor", k), ("orch", k)]
+        order += pair if k % 2 else pair[::-1]
+    return order
+
+
+def boot_of(rounds: int, side: str, k: int) -> int:
+    """The boot (1 = the first) in which *side*'s round *k* restored."""
+    return turns(rounds).index((side, k)) + 2
+
+
 def blackout_scenario(rounds: int, count: int, mib: int, timeout: float) -> Scenario:
     env = {"BLACKOUT_COUNT": str(count), "BLACKOUT_MIB": str(mib)}
     liveupdate = venv_python().rsplit("/", 1)[0] + "/liveupdate"
-    stages = [Stage("b1", python_argv(*GUEST, "setup", "floor-pre:1"), env)]
-    for k in range(1, rounds + 1):
-        stages.append(
-            Stage(
-                f"b{2 * k}",
-                python_argv(*GUEST, f"floor-post:{k}", f"orch-pre:{k}"),
-                env,
-            )
-        )
-        after = [f"orch-post:{k}"] + ([f"floor-pre:{k + 1}"] if k < rounds else [])
+    pre = [f"{side}-pre:{k}" for side, k in turns(rounds)]
+    stages = [Stage("b1", python_argv(*GUEST, "setup", pre[0]), env)]
+    for i, (side, k) in enumerate(turns(rounds)):
+        after = [f"{side}-post:{k}", *pre[i + 1 : i + 2]]
+        name = f"b{i + 2}"
+        if side == "floor":
+            stages.append(Stage(name, python_argv(*GUEST, *after), env))
+            continue
         # The boot unit's command, first thing in the boot, as its own process.
         script = (
             f'{liveupdate} resume "$LUO_VM_OUT/blackout-playbook.yaml" '
             f'--state-dir "$LUO_VM_OUT/blackout-state"; '
             f"exec {venv_python()} {' '.join(GUEST)} {' '.join(after)}"
         )
-        stages.append(Stage(f"b{2 * k + 1}", ("/bin/sh", "-c", script), env))
+        stages.append(Stage(name, ("/bin/sh", "-c", script), env))
     return Scenario("blackout", tuple(stages), memory="3G", timeout=timeout)
 
 
@@ -157,7 +175,7 @@ def _serial_check(
 
 
 def _spans(
-    result: Result, k: int, floor: dict[str, Any], orch: dict[str, Any]
+    result: Result, rounds: int, k: int, floor: dict[str, Any], orch: dict[str, Any]
 ) -> tuple[int, list[float | None], list[float | None]]:
     """Kernel start -> init, init -> first start, first start -> last ready."""
 
@@ -179,8 +197,8 @@ def _spans(
     o_end = float((orch.get("blackout_end") or {}).get("new_s", 0.0))
     return (
         k,
-        three(2 * k, f_starts, float(floor["new_s"])),
-        three(2 * k + 1, o_starts, o_end),
+        three(boot_of(rounds, "floor", k), f_starts, float(floor["new_s"])),
+        three(boot_of(rounds, "orch", k), o_starts, o_end),
     )
 
 
@@ -212,7 +230,7 @@ def run_blackout(kernel: Kernel, args: argparse.Namespace) -> list[str]:
         line, fails = _serial_check(result, k, orch)
         serial_lines.append(line)
         failures += fails
-        spans.append(_spans(result, k, floor, orch))
+        spans.append(_spans(result, rounds, k, floor, orch))
         f_s = float(str(floor["mono_s"]))
         end: dict[str, Any] = orch.get("blackout_end") or {}  # type: ignore[assignment]
         o_s = float(end.get("mono_s", "nan"))
