@@ -422,9 +422,9 @@ def report(
         post = _read(vm.out / "fleet-post.json")
         failures += check_host(vm.name, pre, post, releases=releases, size=mib << 20)
         row = rows.get(vm.name, {})
-        numbers = f"{(pre or {}).get('liveupdate_number')}->" + str(
-            (post or {}).get("liveupdate_number")
-        )
+        # No "liveupdate number: N" line yet is 0, as check_host counts it.
+        before = (pre or {}).get("liveupdate_number") or 0
+        numbers = f"{before}->{(post or {}).get('liveupdate_number')}"
         blackout = row.get("blackout_s")
         shown = f"{float(blackout):8.1f}s" if blackout is not None else "        -"
         print(
