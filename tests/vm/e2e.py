@@ -508,9 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--blackout-rounds",
         type=int,
-        default=3,
+        default=4,
         metavar="N",
-        help="blackout: floor/orchestrator turns in one VM run (default 3)",
+        help="blackout: floor/orchestrator turns in one VM run (default 4: an "
+        "even count puts both sides of every round on boots of the same parity)",
     )
     p.add_argument(
         "--blackout-mib",

@@ -3,10 +3,10 @@
 One VM boots 2 x ROUNDS + 2 kernels (:mod:`tests.vm.blackout_guest`): the
 floor client and ``liveupdate run``/``resume`` take turns updating the same
 demo stores, ROUNDS times each, so that every comparison has the same kernel,
-the same workloads and the same host load; the floor goes first in odd
-rounds, the orchestrator in even ones (:func:`turns`), after a round 0 of
-the floor alone that is not counted (the first updates of a run were
-seen up to 5 s slower than the later ones under TCG: caches warming). The blackout of each side is read
+the same workloads and the same host load; :func:`turns` says in which
+order (both sides of a round on boots of the same parity, after a round 0
+of the floor alone that is not counted: the first update of a run was the
+slowest in every run, by 1 to 5 s under TCG). The blackout of each side is read
 on the same clocks (old kernel's monotonic + new kernel's boot time); the
 table gives each round, the median and the spread.
 
@@ -44,14 +44,20 @@ host's (measured: the table prints the difference of each round)."""
 def turns(rounds: int) -> list[tuple[str, int]]:
     """Who updates at each kexec: ``("floor", k)`` or ``("orch", k)``.
 
-    Round k's two sides go in turns, first the floor in odd rounds and the
-    orchestrator in even ones (F O O F F O ...): neither side always has the
-    boot right after the other's. Round 0, the floor alone, is the warm-up.
+    Rounds go in blocks of two, F F O O then O O F F and so on (the last
+    round of an odd count alone: F O), after round 0, the floor alone, the
+    warm-up. In a block each round's two sides are two boots apart, so both
+    have a boot of the same parity: in some runs every other kexec'd boot
+    was ~2 s slower (the init's Python start, the same code on both sides),
+    and with the sides on adjacent boots that showed up as a difference
+    between them. The blocks' alternating order also spreads any drift over
+    the run evenly.
     """
     order: list[tuple[str, int]] = [("floor", 0)]
-    for k in range(1, rounds + 1):
-        pair = [("floor", k), ("orch", k)]
-        order += pair if k % 2 else pair[::-1]
+    for k in range(1, rounds + 1, 2):
+        pair = [k, k + 1] if k < rounds else [k]
+        sides = ["floor", "orch"] if (k // 2) % 2 == 0 else ["orch", "floor"]
+        order += [(side, r) for side in sides for r in pair]
     return order
 
 
