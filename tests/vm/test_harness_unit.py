@@ -118,3 +118,25 @@ def test_lanes_keep_groups_together_and_balance() -> None:
         assert lane == sorted(lane, key=list(SCENARIOS).index)
     assert _lanes(default, 1) == [default]
     assert _lanes(["cancel"], 4) == [["cancel"]]
+
+
+def test_blackout_turns_pair_each_round_on_one_parity() -> None:
+    from tests.vm.e2e_blackout import blackout_scenario, boot_of, turns
+
+    for rounds in (1, 2, 3, 4, 6):
+        order = turns(rounds)
+        assert order[0] == ("floor", 0)  # the warm-up, not counted
+        assert sorted(order[1:]) == sorted(
+            (side, k) for side in ("floor", "orch") for k in range(1, rounds + 1)
+        )
+        orch = [k for side, k in order if side == "orch"]
+        assert orch == sorted(orch)  # the serial check counts the orchestrator's
+        for k in range(1, rounds + 1 - rounds % 2):
+            assert (boot_of(rounds, "floor", k) - boot_of(rounds, "orch", k)) % 2 == 0
+    # every kexec'd boot has a stage, the orchestrator's starting with resume
+    stages = blackout_scenario(4, 4, 32, 60.0).stages
+    assert len(stages) == len(turns(4)) + 1
+    for side, k in turns(4):
+        argv = " ".join(stages[boot_of(4, side, k) - 1].argv)
+        assert f"{side}-post:{k}" in argv
+        assert ("liveupdate resume" in argv) == (side == "orch")
