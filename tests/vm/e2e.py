@@ -40,9 +40,11 @@ and register it in :data:`SCENARIOS`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -353,7 +355,7 @@ EXCLUSIVE = frozenset({"blackout", "fleet"})
 #: Run in one process: ``engine`` compares itself with ``floor``'s figures;
 #: the scenarios on the sid root share its build and its bytecode.
 TOGETHER = (("floor", "engine"), ("sid", "qemu-sid", "systemd", "qemu"))
-#: Seconds each takes alone under TCG (docs/vm-harness.md), to balance lanes.
+#: Seconds each took alone under TCG on a slow machine: weights to balance lanes.
 ESTIMATE = {
     "floor": 45,
     "engine": 330,
@@ -415,19 +417,28 @@ def _run_lanes(
         os.close(fd)
         argv = [sys.executable, "-m", "tests.vm.e2e", *forward, "--result-json", spot]
         argv += [x for scenario in lane for x in ("--only", scenario)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        with log.open("wb") as out:  # its own process group: QEMU stops with it
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         print(
             f"lane {i}: {', '.join(lane)} (pid {proc.pid}; output: {log})", flush=True
         )
         running.append((i, lane, proc, log, Path(spot), time.monotonic()))
     try:
-        for lane_run in running:
-            _report_lane(*lane_run, failed, took)
+        while running:  # each lane reported as it ends
+            for lane_run in [r for r in running if r[2].poll() is not None]:
+                _report_lane(*lane_run, failed, took)
+                running.remove(lane_run)
+            time.sleep(0.5)
     finally:  # interrupted: no lane goes on alone
         for _, _, proc, *_ in running:
-            if proc.poll() is None:
-                proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
