@@ -8,8 +8,8 @@ order (both sides of a round on boots of the same parity, after a round 0
 of each side that is checked but not counted: the first update of a run
 was among its slowest on each side -- the floor's 16.3 s against 12.8 s
 for its later rounds, the medians of seven runs under TCG; the
-orchestrator's first resume was the one slow to start its stores in 7 of
-the 8 rounds where that took over 2 s). The blackout of each side is read
+orchestrator's first resume was the slow one to start its stores in 8 of
+the 9 rounds of 32 where that took over 2 s). The blackout of each side is read
 on the same clocks (old kernel's monotonic + new kernel's boot time); the
 table gives each round, the median and the spread.
 
