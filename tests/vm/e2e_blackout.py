@@ -9,8 +9,8 @@ of each side that is checked but not counted: the first update of a run
 was among its slowest on each side -- the floor's 16.3 s against 12.8 s
 for its later rounds, the medians of seven runs under TCG; the
 orchestrator's first resume was the slow one to start its stores in 8 of
-the 9 rounds of 32 where that took over 2 s). The blackout of each side is read
-on the same clocks (old kernel's monotonic + new kernel's boot time); the
+the 9 rounds of 32 where that took over 2 s). The blackout of each side is
+read on the same clocks (old kernel's monotonic + new kernel's boot time); the
 table gives each round, the median and the spread.
 
 What is asserted is what must always hold, never a speed: every byte came
@@ -49,12 +49,13 @@ def turns(rounds: int) -> list[tuple[str, int]]:
 
     Rounds go in blocks of two, F F O O then O O F F and so on (the last
     round of an odd count alone: F O), after round 0, the warm-up (F O:
-    the first update of a run was among its slowest on each side). In a block each round's two sides are two boots apart, so both
-    have a boot of the same parity: in some runs every other kexec'd boot
-    was ~2 s slower (the init's Python start, the same code on both sides),
-    and with the sides on adjacent boots that showed up as a difference
-    between them. The blocks' alternating order also spreads any drift over
-    the run evenly.
+    the first update of a run was among its slowest on each side). In a
+    block each round's two sides are two boots apart, so both have a boot
+    of the same parity: in some runs every other kexec'd boot was ~2 s
+    slower (the init's Python start, the same code on both sides), and with
+    the sides on adjacent boots that showed up as a difference between
+    them. The blocks' alternating order also spreads any drift over the run
+    evenly.
     """
     order: list[tuple[str, int]] = [("floor", 0), ("orch", 0)]
     for k in range(1, rounds + 1, 2):
