@@ -48,16 +48,17 @@ def turns(rounds: int) -> list[tuple[str, int]]:
     """Who updates at each kexec: ``("floor", k)`` or ``("orch", k)``.
 
     Rounds go in blocks of two, F F O O then O O F F and so on (the last
-    round of an odd count alone: F O), after round 0, the warm-up (F O:
+    round of an odd count alone: F O), after round 0, the warm-up (O F:
     the first update of a run was among its slowest on each side). In a
     block each round's two sides are two boots apart, so both have a boot
     of the same parity: in some runs every other kexec'd boot was ~2 s
     slower (the init's Python start, the same code on both sides), and with
     the sides on adjacent boots that showed up as a difference between
-    them. The blocks' alternating order also spreads any drift over the run
-    evenly.
+    them. A boot that runs the other side than the boot before it was
+    slower too, by 2 to 5 s: with round 0 as O F, each side has one such
+    boot among its counted rounds per block pair (O1 and F3 of four).
     """
-    order: list[tuple[str, int]] = [("floor", 0), ("orch", 0)]
+    order: list[tuple[str, int]] = [("orch", 0), ("floor", 0)]
     for k in range(1, rounds + 1, 2):
         pair = [k, k + 1] if k < rounds else [k]
         sides = ["floor", "orch"] if (k // 2) % 2 == 0 else ["orch", "floor"]
