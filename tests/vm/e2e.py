@@ -594,9 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     precompile()
     failed: dict[str, list[str]] = {}
     took: dict[str, float] = {}
-    if args.result_json is None and args.jobs > 1:
-        shared = [s for s in selected if s not in EXCLUSIVE]
-        _run_lanes(_lanes(shared, args.jobs), args, failed, took)
+    shared = [s for s in selected if s not in EXCLUSIVE]
+    lanes = _lanes(shared, args.jobs) if args.result_json is None else []
+    if len(lanes) > 1:  # one lane is the plain run, with its console live
+        _run_lanes(lanes, args, failed, took)
         selected = shared + [s for s in selected if s in EXCLUSIVE]
     for name in selected:
         if name in took:
